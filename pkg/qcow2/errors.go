@@ -1,0 +1,94 @@
+package qcow2
+
+import (
+	"errors"
+	"fmt"
+)
+
+// ErrInvalidOption marks a request the writer refuses before touching disk:
+// a bad backing name, format or size. Callers map it to InvalidArgument.
+var ErrInvalidOption = errors.New("invalid qcow2 option")
+
+// CorruptError means the bytes at Path are not a qcow2 image this package
+// accepts. Upstream's reuse rules discard a corrupt disposable overlay and
+// recreate it, so this must never be returned for an I/O failure.
+type CorruptError struct {
+	Path   string
+	Reason string
+}
+
+func (e *CorruptError) Error() string {
+	return fmt.Sprintf("qcow2 %s: corrupt: %s", e.Path, e.Reason)
+}
+
+// IOError means the image could not be read at all (open, stat or read
+// failed). The bytes may be intact, so callers must not delete the file.
+type IOError struct {
+	Path string
+	Op   string
+	Err  error
+}
+
+func (e *IOError) Error() string {
+	return fmt.Sprintf("qcow2 %s: %s: %v", e.Path, e.Op, e.Err)
+}
+
+func (e *IOError) Unwrap() error { return e.Err }
+
+// TamperedError means a well-formed overlay differs from what boxlite-csi
+// wrote: someone with write access to the box rewrote it. The overlay must
+// be refused and its backing name never opened.
+type TamperedError struct {
+	Path  string
+	Field string
+	Got   string
+	Want  string
+}
+
+func (e *TamperedError) Error() string {
+	return fmt.Sprintf("qcow2 %s: tampered: %s is %q, expected %q; refusing to use it", e.Path, e.Field, e.Got, e.Want)
+}
+
+// MissingBackingError means an overlay names a backing file that does not
+// exist. The overlay may still hold a guest's writes, so it is kept.
+type MissingBackingError struct {
+	Overlay string
+	Backing string
+	Err     error
+}
+
+func (e *MissingBackingError) Error() string {
+	return fmt.Sprintf("qcow2 %s has missing backing file %s: %v", e.Overlay, e.Backing, e.Err)
+}
+
+func (e *MissingBackingError) Unwrap() error { return e.Err }
+
+// ChainError reports a backing chain that cannot be walked safely: too long
+// or looping back on itself.
+type ChainError struct {
+	Path   string
+	Reason string
+}
+
+func (e *ChainError) Error() string {
+	return fmt.Sprintf("qcow2 backing chain of %s: %s", e.Path, e.Reason)
+}
+
+// IsCorrupt reports whether err says the image bytes are not a valid qcow2.
+func IsCorrupt(err error) bool {
+	var c *CorruptError
+	return errors.As(err, &c)
+}
+
+// IsIO reports whether err is a failure to read the image at all.
+func IsIO(err error) bool {
+	var e *IOError
+	return errors.As(err, &e)
+}
+
+// IsTampered reports whether err says the overlay was rewritten by someone
+// other than boxlite-csi.
+func IsTampered(err error) bool {
+	var t *TamperedError
+	return errors.As(err, &t)
+}

@@ -1,0 +1,137 @@
+package qcow2
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// boundedReader fails the test if the parser asks for bytes outside the
+// file. Every buffer the parser allocates is one it reads into, so this
+// bounds its allocations by the file's size.
+type boundedReader struct {
+	t    *testing.T
+	data []byte
+}
+
+func (r *boundedReader) ReadAt(b []byte, off int64) (int, error) {
+	if off < 0 || off > int64(len(r.data)) || int64(len(b)) > int64(len(r.data))-off {
+		r.t.Fatalf("read of %d bytes at %d outside a %d-byte file", len(b), off, len(r.data))
+	}
+	return bytes.NewReader(r.data).ReadAt(b, off)
+}
+
+func FuzzReadHeader(f *testing.F) {
+	dir := f.TempDir()
+	for i, o := range []OverlayOptions{
+		{BackingFile: "../base/rootfs.ext4", BackingFormat: FormatRaw, Size: 1 << 20},
+		{BackingFile: "/abs/base.qcow2", BackingFormat: FormatQcow2, Size: 10 << 30},
+	} {
+		p := filepath.Join(dir, string(rune('a'+i)))
+		if err := CreateOverlay(context.Background(), p, o); err != nil {
+			f.Fatal(err)
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Add([]byte{})
+	f.Add(make([]byte, 10))
+	f.Add([]byte("QFI\xfb\x00\x00\x00\x03"))
+
+	f.Fuzz(func(t *testing.T, data []byte) {
+		h, err := ParseHeader("fuzz", &boundedReader{t: t, data: data}, int64(len(data)))
+		if err != nil {
+			// The bytes are all there, so every refusal is corruption.
+			var ce *CorruptError
+			if !errors.As(err, &ce) || h != nil {
+				t.Fatalf("err = %v (%T), header %v: want *CorruptError and no header", err, err, h)
+			}
+			return
+		}
+		if len(h.BackingFile) > MaxBackingNameLen {
+			t.Fatalf("accepted a %d-byte backing name", len(h.BackingFile))
+		}
+		if h.BackingFileOffset != 0 && len(h.BackingFile) != int(h.BackingFileSize) {
+			t.Fatalf("name %q does not match its size %d", h.BackingFile, h.BackingFileSize)
+		}
+		if h.L1TableOffset+uint64(h.L1Size)*8 > uint64(len(data)) {
+			t.Fatal("accepted an L1 table past EOF")
+		}
+		if h.ClusterBits < minClusterBits || h.ClusterBits > maxClusterBits {
+			t.Fatalf("accepted cluster_bits %d", h.ClusterBits)
+		}
+		if h.IncompatibleFeatures&^(IncompatDirty|IncompatCompression|IncompatExtendedL2) != 0 {
+			t.Fatalf("accepted incompatible features %#x", h.IncompatibleFeatures)
+		}
+	})
+}
+
+// FuzzCreateOverlay checks that whatever the writer accepts, the reader
+// reads back exactly, and whatever it refuses leaves nothing on disk.
+func FuzzCreateOverlay(f *testing.F) {
+	f.Add("../base/rootfs.ext4", uint64(1<<20), false)
+	f.Add("/abs", uint64(512<<20+1), true)
+	f.Add("", uint64(0), false)
+	f.Add("a\x00b", uint64(1), false)
+	f.Fuzz(func(t *testing.T, name string, size uint64, qcow bool) {
+		format := FormatRaw
+		if qcow {
+			format = FormatQcow2
+		}
+		dir := t.TempDir()
+		p := filepath.Join(dir, "o.qcow2")
+		err := CreateOverlay(context.Background(), p, OverlayOptions{BackingFile: name, BackingFormat: format, Size: size, NoSync: true})
+		if err != nil {
+			if !errors.Is(err, ErrInvalidOption) {
+				t.Fatalf("unexpected error kind: %v", err)
+			}
+			if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+				t.Fatalf("refused create left %d entries", len(ents))
+			}
+			return
+		}
+		h, err := Verify(p, Expect{BackingFile: name, BackingFormat: format})
+		if err != nil {
+			t.Fatalf("wrote an overlay that does not read back: %v", err)
+		}
+		if h.Size < size || h.Size-size >= 512 {
+			t.Fatalf("size %d read back as %d", size, h.Size)
+		}
+	})
+}
+
+// TestSeedCorpusClassified keeps the checked-in seeds honest: the valid
+// ones parse and the others are refused as corrupt.
+func TestSeedCorpusClassified(t *testing.T) {
+	dir := filepath.Join("testdata", "fuzz", "FuzzReadHeader")
+	ents, err := os.ReadDir(dir)
+	if err != nil || len(ents) == 0 {
+		t.Fatalf("seed corpus missing: %v", err)
+	}
+	for _, e := range ents {
+		raw, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		lit, ok := bytes.CutPrefix(raw, []byte("go test fuzz v1\n[]byte("))
+		if !ok {
+			t.Fatalf("%s: not a Go fuzz corpus file", e.Name())
+		}
+		s, err := strconv.Unquote(string(bytes.TrimSuffix(bytes.TrimSpace(lit), []byte(")"))))
+		if err != nil {
+			t.Fatalf("%s: %v", e.Name(), err)
+		}
+		_, err = ParseHeader(e.Name(), strings.NewReader(s), int64(len(s)))
+		if valid := strings.HasPrefix(e.Name(), "valid") || e.Name() == "relative_up"; valid != (err == nil) {
+			t.Errorf("%s: err = %v", e.Name(), err)
+		}
+	}
+}
