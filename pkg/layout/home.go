@@ -1,0 +1,198 @@
+// Package layout names the directories and files of a boxlite-csi home and
+// of the per-volume box directories inside it. Directory names match the
+// upstream BoxLite runtime so that tooling and operators see the same tree.
+//
+// Path methods are pure: they never touch the filesystem. Only the Prepare,
+// Cleanup and BoxIDs methods do I/O.
+package layout
+
+import (
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"syscall"
+)
+
+const (
+	dbDirName         = "db"
+	imagesDirName     = "images"
+	logsDirName       = "logs"
+	layersDirName     = "layers"
+	manifestsDirName  = "manifests"
+	boxesDirName      = "boxes"
+	basesDirName      = "bases"
+	locksDirName      = "locks"
+	tmpDirName        = "tmp"
+	diskImagesDirName = "disk-images"
+)
+
+// dirPerm is applied (subject to umask) to every directory Prepare creates.
+const dirPerm = 0o755
+
+// Config describes what the host supports. It corresponds to upstream's
+// FsLayoutConfig.
+type Config struct {
+	// BindMountSupported gates per-box mount isolation: without bind mounts
+	// a box cannot have a private mounts/ tree, so boxes fall back to the
+	// shared/ directory.
+	BindMountSupported bool
+}
+
+// Home is the plugin's state directory (upstream FilesystemLayout). The zero
+// value is not useful; use NewHome.
+type Home struct {
+	dir string
+	cfg Config
+}
+
+// NewHome returns the layout rooted at dir. dir should be absolute: box
+// paths derived from it are handed to other processes (qemu, the kubelet)
+// whose working directory differs from ours.
+func NewHome(dir string, cfg Config) Home {
+	return Home{dir: filepath.Clean(dir), cfg: cfg}
+}
+
+// Config returns the configuration the layout was built with.
+func (h Home) Config() Config { return h.cfg }
+
+// Dir returns the home directory itself.
+func (h Home) Dir() string { return h.dir }
+
+// DBDir returns <home>/db.
+func (h Home) DBDir() string { return filepath.Join(h.dir, dbDirName) }
+
+// ImagesDir returns <home>/images.
+func (h Home) ImagesDir() string { return filepath.Join(h.dir, imagesDirName) }
+
+// LogsDir returns <home>/logs.
+func (h Home) LogsDir() string { return filepath.Join(h.dir, logsDirName) }
+
+// ImageLayersDir returns <home>/images/layers.
+func (h Home) ImageLayersDir() string { return filepath.Join(h.ImagesDir(), layersDirName) }
+
+// ImageManifestsDir returns <home>/images/manifests.
+func (h Home) ImageManifestsDir() string { return filepath.Join(h.ImagesDir(), manifestsDirName) }
+
+// BoxesDir returns <home>/boxes, the parent of every box directory.
+func (h Home) BoxesDir() string { return filepath.Join(h.dir, boxesDirName) }
+
+// BasesDir returns <home>/bases, where cached base disks live.
+func (h Home) BasesDir() string { return filepath.Join(h.dir, basesDirName) }
+
+// LocksDir returns <home>/locks.
+func (h Home) LocksDir() string { return filepath.Join(h.dir, locksDirName) }
+
+// TempDir returns <home>/tmp, the staging area for files that are later
+// renamed into bases/ or images/disk-images/.
+func (h Home) TempDir() string { return filepath.Join(h.dir, tmpDirName) }
+
+// Images returns the image layout under <home>/images.
+func (h Home) Images() Image { return Image{dir: h.ImagesDir()} }
+
+// Prepare creates the home tree and then verifies that tmp/, bases/ and
+// images/disk-images/ share one filesystem. Bases and disk images are built
+// in tmp/ and published with rename(2), which is only atomic (and only
+// works at all) within a single filesystem; checking at startup turns a
+// later EXDEV in the middle of provisioning into a clear configuration
+// error.
+func (h Home) Prepare() error {
+	dirs := []struct{ name, path string }{
+		{"home", h.dir},
+		{"boxes", h.BoxesDir()},
+		{"bases", h.BasesDir()},
+		{"tmp", h.TempDir()},
+		{"locks", h.LocksDir()},
+		{"images/layers", h.ImageLayersDir()},
+		{"images/manifests", h.ImageManifestsDir()},
+		{"images/disk-images", h.Images().DiskImagesDir()},
+	}
+	for _, d := range dirs {
+		if err := os.MkdirAll(d.path, dirPerm); err != nil {
+			return fmt.Errorf("layout: create %s dir %s: %w", d.name, d.path, err)
+		}
+	}
+	return h.validateSameFilesystem()
+}
+
+func (h Home) validateSameFilesystem() error {
+	tmpDev, err := deviceOf(h.TempDir())
+	if err != nil {
+		return err
+	}
+	basesDev, err := deviceOf(h.BasesDir())
+	if err != nil {
+		return err
+	}
+	imagesDev, err := deviceOf(h.Images().DiskImagesDir())
+	if err != nil {
+		return err
+	}
+	if tmpDev != basesDev || tmpDev != imagesDev {
+		return fmt.Errorf("layout: tmp (%s), bases (%s) and images/disk-images (%s) under home %s must be on one filesystem for atomic rename",
+			formatDev(tmpDev), formatDev(basesDev), formatDev(imagesDev), h.dir)
+	}
+	return nil
+}
+
+// deviceOf returns st_dev of path, following symlinks: a symlinked tmp/ on
+// another filesystem breaks rename just the same.
+func deviceOf(path string) (uint64, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return 0, fmt.Errorf("layout: stat %s: %w", path, err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return 0, fmt.Errorf("layout: stat %s: no device number on this platform", path)
+	}
+	// The conversion is needed where Dev is narrower than uint64 (e.g. darwin).
+	return uint64(st.Dev), nil
+}
+
+// Box returns the layout of the box for volumeID, at <home>/boxes/<volumeID>.
+// The ID is validated with ValidateVolumeID and never rewritten; an invalid
+// one yields an *InvalidVolumeIDError. Nothing is created on disk.
+func (h Home) Box(volumeID string, opts ...BoxOption) (Box, error) {
+	if err := ValidateVolumeID(volumeID); err != nil {
+		return Box{}, err
+	}
+	var o boxOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
+	return Box{
+		id:  volumeID,
+		dir: filepath.Join(h.BoxesDir(), volumeID),
+		// Upstream logs a warning and falls back; we fall back silently and
+		// expose the outcome through Box.IsolateMounts.
+		isolateMounts: o.isolateMounts && h.cfg.BindMountSupported,
+	}, nil
+}
+
+// BoxIDs lists the volume IDs that have a box directory, sorted. The driver
+// rebuilds its state from this after a restart. Entries that are not
+// directories (including symlinks), dot-entries (the plugin's temporary
+// entries) and any other name ValidateVolumeID rejects are skipped, so every
+// returned ID can be passed back to Box.
+//
+// A missing boxes/ directory is an error, not an empty list: reporting
+// "no volumes" for an unprepared or unmounted home would make the driver
+// forget volumes that still exist.
+func (h Home) BoxIDs() ([]string, error) {
+	entries, err := os.ReadDir(h.BoxesDir())
+	if err != nil {
+		return nil, fmt.Errorf("layout: list boxes in %s: %w", h.BoxesDir(), err)
+	}
+	ids := make([]string, 0, len(entries))
+	for _, e := range entries {
+		if e.Type()&fs.ModeType != fs.ModeDir {
+			continue
+		}
+		if ValidateVolumeID(e.Name()) != nil {
+			continue
+		}
+		ids = append(ids, e.Name())
+	}
+	return ids, nil
+}
