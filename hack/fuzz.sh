@@ -9,7 +9,7 @@ for pkg in $(go list ./...); do
 	for target in $(go test -list '^Fuzz' "$pkg" | grep '^Fuzz' || true); do
 		found=$((found + 1))
 		echo "== fuzz $pkg $target for $fuzztime"
-		go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" "$pkg"
+		go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" -fuzzminimizetime 5s "$pkg"
 	done
 done
 echo "fuzz: $found targets ran for $fuzztime each"
