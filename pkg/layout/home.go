@@ -11,6 +11,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 )
 
@@ -90,12 +91,12 @@ func (h Home) TempDir() string { return filepath.Join(h.dir, tmpDirName) }
 // Images returns the image layout under <home>/images.
 func (h Home) Images() Image { return Image{dir: h.ImagesDir()} }
 
-// Prepare creates the home tree and then verifies that tmp/, bases/ and
-// images/disk-images/ share one filesystem. Bases and disk images are built
-// in tmp/ and published with rename(2), which is only atomic (and only
-// works at all) within a single filesystem; checking at startup turns a
-// later EXDEV in the middle of provisioning into a clear configuration
-// error.
+// Prepare creates the home tree and then verifies that tmp/, bases/,
+// images/disk-images/ and boxes/ share one filesystem. Bases and disk
+// images are built in tmp/ and published with rename(2), and boxes
+// hard-link their base; both only work within a single filesystem, so
+// checking at startup turns a later EXDEV in the middle of provisioning
+// into a clear configuration error.
 func (h Home) Prepare() error {
 	dirs := []struct{ name, path string }{
 		{"home", h.dir},
@@ -116,23 +117,33 @@ func (h Home) Prepare() error {
 }
 
 func (h Home) validateSameFilesystem() error {
-	tmpDev, err := deviceOf(h.TempDir())
-	if err != nil {
-		return err
+	// boxes/ joins upstream's three: a box hard-links its base from
+	// images/disk-images, and links cannot cross filesystems either.
+	dirs := []struct{ name, path string }{
+		{"tmp", h.TempDir()},
+		{"bases", h.BasesDir()},
+		{"images/disk-images", h.Images().DiskImagesDir()},
+		{"boxes", h.BoxesDir()},
 	}
-	basesDev, err := deviceOf(h.BasesDir())
-	if err != nil {
-		return err
+	devs := make([]uint64, len(dirs))
+	same := true
+	for i, d := range dirs {
+		dev, err := deviceOf(d.path)
+		if err != nil {
+			return err
+		}
+		devs[i] = dev
+		same = same && dev == devs[0]
 	}
-	imagesDev, err := deviceOf(h.Images().DiskImagesDir())
-	if err != nil {
-		return err
+	if same {
+		return nil
 	}
-	if tmpDev != basesDev || tmpDev != imagesDev {
-		return fmt.Errorf("layout: tmp (%s), bases (%s) and images/disk-images (%s) under home %s must be on one filesystem for atomic rename",
-			formatDev(tmpDev), formatDev(basesDev), formatDev(imagesDev), h.dir)
+	var found []string
+	for i, d := range dirs {
+		found = append(found, fmt.Sprintf("%s (%s)", d.name, formatDev(devs[i])))
 	}
-	return nil
+	return fmt.Errorf("layout: %s under home %s must be on one filesystem for atomic rename and hard links",
+		strings.Join(found, ", "), h.dir)
 }
 
 // deviceOf returns st_dev of path, following symlinks: a symlinked tmp/ on

@@ -1,0 +1,148 @@
+package rootfs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+
+	"k8s.io/klog/v2"
+
+	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
+	"github.com/boxlite-csi/boxlite-csi/pkg/qcow2"
+)
+
+// BoxDisk is a box's root disk after PrepareBox.
+type BoxDisk struct {
+	// Overlay is <box>/disks/guest-rootfs.qcow2.
+	Overlay string
+	// Base is <box>/base/rootfs.ext4, a hard link to the cached base that
+	// the overlay names relatively as ../base/rootfs.ext4.
+	Base string
+	// VirtualSize is the overlay's size in bytes.
+	VirtualSize uint64
+	// Outcome says what PrepareBox did with the overlay.
+	Outcome Outcome
+}
+
+// Outcome is what PrepareBox did with a box's overlay.
+type Outcome string
+
+const (
+	// Created: there was no overlay; a fresh one was written.
+	Created Outcome = "created"
+	// Reused: a valid overlay was kept untouched (same length, mtime and
+	// backing), so the guest's writes survive a restart.
+	Reused Outcome = "reused"
+	// Recreated: the overlay's header was corrupt; it was discarded and a
+	// fresh one written over the base.
+	Recreated Outcome = "recreated"
+)
+
+// ErrRefusedOverlay marks an overlay PrepareBox will not use and must not
+// delete: unreadable (it may still be intact), tampered with, or backed by
+// a base that has gone. The error also wraps the qcow2 error that says
+// which.
+var ErrRefusedOverlay = errors.New("overlay refused")
+
+// PrepareBox creates the box directories and creates or reuses the box's
+// guest-rootfs overlay over base, following upstream's reuse rules:
+//
+//   - no overlay: link the base into the box and create one;
+//   - valid header naming ../base/rootfs.ext4, which exists: reuse as is;
+//   - that backing missing: error naming both; the overlay is kept;
+//   - corrupt header: warn, delete, recreate from the base;
+//   - I/O error reading it: error, nothing deleted;
+//   - a header naming any other backing (tampered): error, never followed.
+//
+// The base is hard-linked rather than referenced by an absolute path, so
+// the box is self-contained (the chain resolves inside a pod that sees only
+// the box, and after a reboot with no mounts), and the link itself is the
+// on-disk record that this base is in use. Making it read-only with a bind
+// mount is the driver's job.
+//
+// The virtual size of a new overlay is max(base size, size). A reused
+// overlay keeps the size it has. The box's own linked base wins over base
+// for a reused overlay: the overlay's clusters are only meaningful over
+// the exact bytes it was created on.
+func PrepareBox(ctx context.Context, box layout.Box, base Base, size uint64) (BoxDisk, error) {
+	if err := box.Prepare(); err != nil {
+		return BoxDisk{}, err
+	}
+	d := BoxDisk{Overlay: box.GuestRootfsDiskPath(), Base: box.BasePath()}
+	want := qcow2.Expect{BackingFile: box.BackingName(), BackingFormat: qcow2.FormatRaw}
+
+	_, err := os.Lstat(d.Overlay)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return createOverlay(ctx, box, base, size, d, Created)
+	case err != nil:
+		return d, fmt.Errorf("rootfs: %w: cannot stat %s: %w", ErrRefusedOverlay, d.Overlay, err)
+	}
+
+	h, err := qcow2.Verify(d.Overlay, want)
+	switch {
+	case err == nil:
+		if _, err := os.Stat(d.Base); err != nil {
+			return d, fmt.Errorf("rootfs: %w: %w (box %s cannot start until its base is restored)",
+				ErrRefusedOverlay, &qcow2.MissingBackingError{Overlay: d.Overlay, Backing: want.BackingFile, Err: err}, box.ID())
+		}
+		d.VirtualSize = h.Size
+		d.Outcome = Reused
+		klog.FromContext(ctx).V(4).Info("Reusing guest rootfs overlay", "overlay", d.Overlay)
+		return d, nil
+	case qcow2.IsCorrupt(err):
+		klog.FromContext(ctx).Info("Discarding corrupt guest rootfs overlay and recreating it from the cached base",
+			"overlay", d.Overlay, "reason", err.Error())
+		if err := os.Remove(d.Overlay); err != nil {
+			return d, fmt.Errorf("rootfs: remove corrupt overlay %s: %w", d.Overlay, err)
+		}
+		return createOverlay(ctx, box, base, size, d, Recreated)
+	case qcow2.IsIO(err):
+		return d, fmt.Errorf("rootfs: %w: cannot read %s to validate its backing chain; refusing to discard a possibly-intact overlay: %w",
+			ErrRefusedOverlay, d.Overlay, err)
+	default:
+		// Tampered, or anything else Verify might add: never follow it.
+		return d, fmt.Errorf("rootfs: %w: %w", ErrRefusedOverlay, err)
+	}
+}
+
+// createOverlay links base into the box (replacing a link left by an
+// earlier attempt that never got an overlay) and writes a fresh overlay.
+func createOverlay(ctx context.Context, box layout.Box, base Base, size uint64, d BoxDisk, o Outcome) (BoxDisk, error) {
+	if err := linkBase(box, base); err != nil {
+		return d, err
+	}
+	d.VirtualSize = max(uint64(base.Size), size)
+	if err := qcow2.CreateOverlay(ctx, d.Overlay, qcow2.OverlayOptions{
+		BackingFile:   box.BackingName(),
+		BackingFormat: qcow2.FormatRaw,
+		Size:          d.VirtualSize,
+	}); err != nil {
+		return d, fmt.Errorf("rootfs: %w", err)
+	}
+	d.VirtualSize = (d.VirtualSize + 511) &^ 511
+	d.Outcome = o
+	klog.FromContext(ctx).V(2).Info("Created guest rootfs overlay", "overlay", d.Overlay, "base", base.Path, "virtualSize", d.VirtualSize, "outcome", o)
+	return d, nil
+}
+
+// linkBase makes <box>/base/rootfs.ext4 a hard link to the cached base.
+// It only runs when the box has no overlay, so whatever is at the path is
+// debris from an interrupted attempt and may be replaced.
+func linkBase(box layout.Box, base Base) error {
+	p := box.BasePath()
+	if fi, err := os.Lstat(p); err == nil {
+		if bfi, err := os.Stat(base.Path); err == nil && os.SameFile(fi, bfi) {
+			return nil
+		}
+		if err := os.Remove(p); err != nil {
+			return fmt.Errorf("rootfs: replace stale base link %s: %w", p, err)
+		}
+	}
+	if err := os.Link(base.Path, p); err != nil {
+		return fmt.Errorf("rootfs: link base %s into box at %s: %w", base.Path, p, err)
+	}
+	return nil
+}

@@ -1,0 +1,307 @@
+package rootfs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
+)
+
+func testKey(n int) Key {
+	return Key{Digest: fmt.Sprintf("sha256:%064x", n), Builder: "t1"}
+}
+
+func newCache(t *testing.T, home string) *Cache {
+	t.Helper()
+	c, err := NewCache(context.Background(), CacheConfig{Home: layout.NewHome(home, layout.Config{})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// countingBuild writes content and counts how often it ran.
+func countingBuild(n *atomic.Int32, content string) BuildFunc {
+	return func(ctx context.Context, out *os.File) error {
+		n.Add(1)
+		_, err := out.WriteString(content)
+		return err
+	}
+}
+
+// assertNoTemps fails if tmp/ holds anything: failed and finished builds
+// must leave nothing behind.
+func assertNoTemps(t *testing.T, c *Cache) {
+	t.Helper()
+	ents, err := os.ReadDir(c.cfg.Home.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ents) != 0 {
+		t.Fatalf("tmp/ holds %d entries, first %s", len(ents), ents[0].Name())
+	}
+}
+
+func TestKeyValidate(t *testing.T) {
+	cases := []struct {
+		key Key
+		ok  bool
+	}{
+		{Key{testDigest, "e1"}, true},
+		{Key{"sha256:" + strings.Repeat("A", 64), "e1"}, false},
+		{Key{"sha256:abc", "e1"}, false},
+		{Key{"sha512:" + strings.Repeat("a", 64), "e1"}, false},
+		{Key{"sha256:../../../../etc/passwd" + strings.Repeat("a", 36), "e1"}, false},
+		{Key{testDigest, ""}, false},
+		{Key{testDigest, "v1/../x"}, false},
+		{Key{testDigest, "V1"}, false},
+	}
+	for _, tc := range cases {
+		err := tc.key.Validate()
+		if (err == nil) != tc.ok {
+			t.Errorf("%+v: err = %v, want ok=%v", tc.key, err, tc.ok)
+		}
+		if tc.ok {
+			k, ok := parseFileName(tc.key.FileName())
+			if !ok || k != tc.key {
+				t.Errorf("%s does not parse back to %+v", tc.key.FileName(), tc.key)
+			}
+		}
+	}
+}
+
+func TestEnsureBuildsOnceAndInstallsReadOnly(t *testing.T) {
+	c := newCache(t, t.TempDir())
+	var builds atomic.Int32
+	k := testKey(1)
+	b, err := c.Ensure(context.Background(), k, countingBuild(&builds, "disk"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.Path != filepath.Join(c.cfg.Home.Images().DiskImagesDir(), "sha256-"+strings.Repeat("0", 63)+"1.t1.ext4") || b.Size != 4 {
+		t.Fatalf("base = %+v", b)
+	}
+	fi, err := os.Stat(b.Path)
+	if err != nil || fi.Mode().Perm() != 0o444 {
+		t.Fatalf("installed base mode %v, %v; want 0444", fi.Mode(), err)
+	}
+	again, err := c.Ensure(context.Background(), k, countingBuild(&builds, "other"))
+	if err != nil || again != b || builds.Load() != 1 {
+		t.Fatalf("second Ensure: %+v, %v, builds %d", again, err, builds.Load())
+	}
+	if got, _ := os.ReadFile(b.Path); string(got) != "disk" {
+		t.Fatalf("base content %q: a base must never change once installed", got)
+	}
+	assertNoTemps(t, c)
+}
+
+func TestEnsureConcurrentColdCallersShareOneBuild(t *testing.T) {
+	c := newCache(t, t.TempDir())
+	var builds atomic.Int32
+	release := make(chan struct{})
+	build := func(ctx context.Context, out *os.File) error {
+		builds.Add(1)
+		<-release
+		_, err := out.WriteString("disk")
+		return err
+	}
+	const callers = 16
+	var wg sync.WaitGroup
+	paths := make([]string, callers)
+	errs := make([]error, callers)
+	for i := range callers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			b, err := c.Ensure(context.Background(), testKey(2), build)
+			paths[i], errs[i] = b.Path, err
+		}()
+	}
+	// Let every caller reach the flight before the build may finish.
+	for !c.Building(testKey(2)) {
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(20 * time.Millisecond)
+	close(release)
+	wg.Wait()
+	for i := range callers {
+		if errs[i] != nil || paths[i] != paths[0] {
+			t.Fatalf("caller %d: %q, %v", i, paths[i], errs[i])
+		}
+	}
+	if n := builds.Load(); n != 1 {
+		t.Fatalf("%d builds for one key, want 1", n)
+	}
+}
+
+func TestFailedBuildIsNotCached(t *testing.T) {
+	c := newCache(t, t.TempDir())
+	k := testKey(3)
+	_, err := c.Ensure(context.Background(), k, func(ctx context.Context, out *os.File) error {
+		out.WriteString("half a disk")
+		return errors.New("registry went away")
+	})
+	if err == nil || !strings.Contains(err.Error(), "registry went away") || !strings.Contains(err.Error(), k.String()) {
+		t.Fatalf("err = %v", err)
+	}
+	if _, err := os.Stat(c.Path(k)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("failed build left a file at the final path: %v", err)
+	}
+	assertNoTemps(t, c)
+	var builds atomic.Int32
+	if _, err := c.Ensure(context.Background(), k, countingBuild(&builds, "disk")); err != nil || builds.Load() != 1 {
+		t.Fatalf("retry after failure: %v, builds %d", err, builds.Load())
+	}
+}
+
+func TestBuildOutlivesCallerContext(t *testing.T) {
+	c := newCache(t, t.TempDir())
+	k := testKey(4)
+	var builds atomic.Int32
+	release := make(chan struct{})
+	build := func(ctx context.Context, out *os.File) error {
+		builds.Add(1)
+		select {
+		case <-release:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		_, err := out.WriteString("disk")
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	_, err := c.Ensure(ctx, k, build)
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "continues in the background") {
+		t.Fatalf("err = %v, want the caller's deadline", err)
+	}
+	if !c.Building(k) {
+		t.Fatal("the build stopped with its first caller")
+	}
+	// A retry joins the same build rather than starting another.
+	done := make(chan error)
+	go func() {
+		_, err := c.Ensure(context.Background(), k, build)
+		done <- err
+	}()
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if n := builds.Load(); n != 1 {
+		t.Fatalf("%d builds, want 1", n)
+	}
+}
+
+func TestTwoCachesOnOneHomeBuildOnce(t *testing.T) {
+	// Two Cache values share nothing in memory, like two processes: only
+	// the flock under locks/ keeps them from building twice.
+	home := t.TempDir()
+	a, b := newCache(t, home), newCache(t, home)
+	var builds atomic.Int32
+	build := func(ctx context.Context, out *os.File) error {
+		builds.Add(1)
+		time.Sleep(50 * time.Millisecond)
+		_, err := out.WriteString("disk")
+		return err
+	}
+	var wg sync.WaitGroup
+	for _, c := range []*Cache{a, b, a, b} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := c.Ensure(context.Background(), testKey(5), build); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if n := builds.Load(); n != 1 {
+		t.Fatalf("%d builds across two caches, want 1", n)
+	}
+}
+
+func TestInvalidKeyBuildsNothing(t *testing.T) {
+	c := newCache(t, t.TempDir())
+	var builds atomic.Int32
+	_, err := c.Ensure(context.Background(), Key{Digest: "sha256:../../x", Builder: "t1"}, countingBuild(&builds, "x"))
+	if err == nil || builds.Load() != 0 {
+		t.Fatalf("err = %v, builds %d", err, builds.Load())
+	}
+}
+
+// The child half of TestBuildKilledHalfway: it starts a build that writes
+// half a disk and then hangs until killed.
+func TestMain(m *testing.M) {
+	if home := os.Getenv("BOXLITE_TEST_HANGING_BUILD_HOME"); home != "" {
+		c, err := NewCache(context.Background(), CacheConfig{Home: layout.NewHome(home, layout.Config{})})
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(3)
+		}
+		_, err = c.Ensure(context.Background(), testKey(6), func(ctx context.Context, out *os.File) error {
+			out.WriteString("half a disk")
+			out.Sync()
+			select {}
+		})
+		fmt.Fprintln(os.Stderr, "hanging build returned:", err)
+		os.Exit(4)
+	}
+	os.Exit(m.Run())
+}
+
+func TestBuildKilledHalfway(t *testing.T) {
+	home := t.TempDir()
+	child := exec.Command(os.Args[0], "-test.run=^$")
+	child.Env = append(os.Environ(), "BOXLITE_TEST_HANGING_BUILD_HOME="+home)
+	child.Stderr = os.Stderr
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer child.Process.Kill()
+	tmpDir := filepath.Join(home, "tmp")
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if ents, _ := os.ReadDir(tmpDir); len(ents) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("child never started its build")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	// While the child lives, a new cache must leave its temp file alone.
+	c := newCache(t, home)
+	if ents, _ := os.ReadDir(tmpDir); len(ents) != 1 {
+		t.Fatalf("start-up removed a live build's temp file (%d entries)", len(ents))
+	}
+
+	if err := child.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	child.Wait()
+	if _, err := os.Stat(c.Path(testKey(6))); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("killed build left a file at the final path: %v", err)
+	}
+	// Start-up after the crash removes the orphan, and the next call builds.
+	c = newCache(t, home)
+	assertNoTemps(t, c)
+	var builds atomic.Int32
+	b, err := c.Ensure(context.Background(), testKey(6), countingBuild(&builds, "whole disk"))
+	if err != nil || builds.Load() != 1 {
+		t.Fatalf("Ensure after crash: %v, builds %d", err, builds.Load())
+	}
+	if got, _ := os.ReadFile(b.Path); string(got) != "whole disk" {
+		t.Fatalf("base holds %q", got)
+	}
+}

@@ -1,0 +1,251 @@
+package rootfs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+
+	"github.com/boxlite-csi/boxlite-csi/pkg/qcow2"
+)
+
+// EvictStats reports one eviction pass.
+type EvictStats struct {
+	// Bases is how many bases the cache held when the pass started.
+	Bases int
+	// CacheBytes is what they occupied on disk.
+	CacheBytes int64
+	// UsedFraction is the cache filesystem's use when the pass started.
+	UsedFraction float64
+	// Evicted names the keys removed, least recently used first.
+	Evicted []Key
+	// FreedBytes is the disk space the removals released.
+	FreedBytes int64
+	// Skipped is why nothing was considered, if so.
+	Skipped string
+}
+
+type fileID struct{ dev, ino uint64 }
+
+type cachedBase struct {
+	key     Key
+	path    string
+	id      fileID
+	nlink   uint64
+	bytes   int64 // allocated, not apparent: a base is sparse
+	lastUse time.Time
+}
+
+// usage returns the cache's bases and how full the cache filesystem is.
+func (c *Cache) usage() (bases []cachedBase, cacheBytes int64, used float64, err error) {
+	dir := c.cfg.Home.Images().DiskImagesDir()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, 0, 0, fmt.Errorf("rootfs: list cache %s: %w", dir, err)
+	}
+	for _, e := range ents {
+		k, ok := parseFileName(e.Name())
+		if !ok {
+			continue
+		}
+		p := filepath.Join(dir, e.Name())
+		var st unix.Stat_t
+		if err := unix.Lstat(p, &st); err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				continue
+			}
+			return nil, 0, 0, fmt.Errorf("rootfs: stat %s: %w", p, err)
+		}
+		last := time.Unix(st.Atim.Unix())
+		if m := time.Unix(st.Mtim.Unix()); m.After(last) {
+			last = m
+		}
+		b := cachedBase{key: k, path: p, id: fileID{st.Dev, st.Ino}, nlink: uint64(st.Nlink), bytes: st.Blocks * 512, lastUse: last}
+		bases = append(bases, b)
+		cacheBytes += b.bytes
+	}
+	used, err = usedFraction(dir)
+	return bases, cacheBytes, used, err
+}
+
+// usedFraction is the filesystem's use as df computes it: space reserved
+// for root counts as neither used nor available.
+func usedFraction(dir string) (float64, error) {
+	var s unix.Statfs_t
+	if err := unix.Statfs(dir, &s); err != nil {
+		return 0, fmt.Errorf("rootfs: statfs %s: %w", dir, err)
+	}
+	usedBlocks := s.Blocks - s.Bfree
+	denom := usedBlocks + s.Bavail
+	if denom == 0 {
+		return 0, nil
+	}
+	return float64(usedBlocks) / float64(denom), nil
+}
+
+// references returns the bases the boxes on disk back onto. A box's
+// overlay names ../base/rootfs.ext4, a hard link to a cached base, so the
+// inode at that path identifies the base whatever the cache file is called.
+// complete is false if any box could not be read: evicting then could
+// remove a base a box still needs.
+func (c *Cache) references(ctx context.Context) (refs map[fileID]bool, complete bool) {
+	log := klog.FromContext(ctx)
+	home := c.cfg.Home
+	ids, err := home.BoxIDs()
+	if err != nil {
+		log.Error(err, "Cannot list boxes; skipping eviction")
+		return nil, false
+	}
+	refs = map[fileID]bool{}
+	complete = true
+	for _, id := range ids {
+		box, err := home.Box(id)
+		if err != nil {
+			log.Error(err, "Cannot lay out box; reference scan incomplete", "box", id)
+			complete = false
+			continue
+		}
+		// A tampered or corrupt overlay still pins its base: the box's
+		// owner may repair it. Only an unreadable one leaves us unsure.
+		_, verr := qcow2.Verify(box.GuestRootfsDiskPath(), qcow2.Expect{BackingFile: box.BackingName(), BackingFormat: qcow2.FormatRaw})
+		if verr != nil && qcow2.IsIO(verr) && !errors.Is(verr, fs.ErrNotExist) {
+			log.Error(verr, "Cannot read overlay; reference scan incomplete", "box", id)
+			complete = false
+		}
+		var st unix.Stat_t
+		if err := unix.Stat(box.BasePath(), &st); err != nil {
+			if !errors.Is(err, fs.ErrNotExist) {
+				log.Error(err, "Cannot stat box base; reference scan incomplete", "box", id)
+				complete = false
+			}
+			continue
+		}
+		refs[fileID{st.Dev, st.Ino}] = true
+	}
+	return refs, complete
+}
+
+// Evict removes least-recently-used bases once the cache filesystem is
+// above the high watermark (or the bases exceed MaxBytes), until it is
+// back under the low one. It never removes a base that a box references,
+// that is being built, or that was installed or used within Grace, and it
+// skips the pass entirely if the reference scan is incomplete.
+func (c *Cache) Evict(ctx context.Context) (EvictStats, error) {
+	log := klog.FromContext(ctx)
+	bases, cacheBytes, used, err := c.usage()
+	if err != nil {
+		return EvictStats{}, err
+	}
+	st := EvictStats{Bases: len(bases), CacheBytes: cacheBytes, UsedFraction: used}
+	var maxLow int64
+	if c.cfg.MaxBytes > 0 {
+		maxLow = int64(float64(c.cfg.MaxBytes) * c.cfg.LowWatermark / c.cfg.HighWatermark)
+	}
+	over := func() bool {
+		return used > c.cfg.HighWatermark || c.cfg.MaxBytes > 0 && cacheBytes > c.cfg.MaxBytes
+	}
+	done := func() bool {
+		return used <= c.cfg.LowWatermark && (c.cfg.MaxBytes == 0 || cacheBytes <= maxLow)
+	}
+	if !over() {
+		st.Skipped = "below the high watermark"
+		return st, nil
+	}
+	refs, complete := c.references(ctx)
+	if !complete {
+		st.Skipped = "reference scan incomplete"
+		return st, nil
+	}
+	now := time.Now()
+	var candidates []cachedBase
+	for _, b := range bases {
+		switch {
+		case refs[b.id] || b.nlink > 1:
+		case c.Building(b.key):
+		case now.Sub(b.lastUse) < c.cfg.Grace:
+		default:
+			candidates = append(candidates, b)
+		}
+	}
+	sort.Slice(candidates, func(i, j int) bool { return candidates[i].lastUse.Before(candidates[j].lastUse) })
+
+	dir := c.cfg.Home.Images().DiskImagesDir()
+	for _, b := range candidates {
+		if done() {
+			break
+		}
+		if err := ctx.Err(); err != nil {
+			return st, fmt.Errorf("rootfs: eviction: %w", err)
+		}
+		freed, err := c.evictOne(b)
+		if err != nil {
+			return st, err
+		}
+		if freed < 0 {
+			continue
+		}
+		st.Evicted = append(st.Evicted, b.key)
+		st.FreedBytes += freed
+		cacheBytes -= freed
+		if used, err = usedFraction(dir); err != nil {
+			return st, err
+		}
+		log.Info("Evicted base disk", "key", b.key, "path", b.path, "bytes", freed, "lastUse", b.lastUse)
+	}
+	if len(st.Evicted) > 0 {
+		if err := syncDir(dir); err != nil {
+			return st, err
+		}
+	}
+	return st, nil
+}
+
+// evictOne unlinks one base under its key lock, re-checking that nothing
+// linked it since the scan. It returns -1 if the base was left alone.
+func (c *Cache) evictOne(b cachedBase) (int64, error) {
+	l, free, err := tryLock(c.lockPath(b.key))
+	if err != nil {
+		return 0, err
+	}
+	if !free {
+		return -1, nil
+	}
+	defer l.release()
+	var st unix.Stat_t
+	if err := unix.Lstat(b.path, &st); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return -1, nil
+		}
+		return 0, fmt.Errorf("rootfs: stat %s: %w", b.path, err)
+	}
+	if st.Nlink > 1 || st.Ino != b.id.ino {
+		return -1, nil
+	}
+	if err := os.Remove(b.path); err != nil {
+		return 0, fmt.Errorf("rootfs: evict %s: %w", b.path, err)
+	}
+	return st.Blocks * 512, nil
+}
+
+// RunEviction runs an eviction pass every interval until ctx ends.
+func (c *Cache) RunEviction(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if _, err := c.Evict(ctx); err != nil {
+				klog.FromContext(ctx).Error(err, "Eviction pass failed")
+			}
+		}
+	}
+}

@@ -1,0 +1,176 @@
+package rootfs
+
+import (
+	"context"
+	"os"
+	"slices"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
+)
+
+// smallHome mounts a tmpfs of the given size so the test controls how full
+// the cache filesystem is.
+func smallHome(t *testing.T, size string) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount a tmpfs home of known size")
+	}
+	dir := t.TempDir()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size="+size); err != nil {
+		t.Fatalf("mount tmpfs on %s: %v", dir, err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir, 0); err != nil {
+			t.Errorf("unmount %s: %v", dir, err)
+		}
+	})
+	return dir
+}
+
+// fill installs a base of n MiB of real (allocated) bytes, last used age ago.
+func fill(t *testing.T, c *Cache, k Key, mib int, age time.Duration) Base {
+	t.Helper()
+	b, err := c.Ensure(context.Background(), k, func(_ context.Context, out *os.File) error {
+		_, err := out.Write(make([]byte, mib<<20))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	when := time.Now().Add(-age)
+	if err := os.Chtimes(b.Path, when, when); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestEvict(t *testing.T) {
+	old := time.Hour
+	cases := []struct {
+		name string
+		// setup installs bases into a 64 MiB cache filesystem and returns
+		// the keys expected to be evicted, in order.
+		setup    func(t *testing.T, c *Cache) []Key
+		cfg      CacheConfig
+		skipped  string
+		survives []Key
+	}{
+		{
+			name: "below the high watermark nothing goes",
+			setup: func(t *testing.T, c *Cache) []Key {
+				fill(t, c, testKey(1), 4, old)
+				return nil
+			},
+			skipped:  "below the high watermark",
+			survives: []Key{testKey(1)},
+		},
+		{
+			name: "least recently used first, down to the low watermark",
+			setup: func(t *testing.T, c *Cache) []Key {
+				fill(t, c, testKey(1), 12, 3*old)
+				fill(t, c, testKey(2), 12, 4*old)
+				fill(t, c, testKey(3), 12, 2*old)
+				fill(t, c, testKey(4), 12, old)
+				// 48 of 64 MiB is over 50%; 30% is 19.2 MiB, so one stays.
+				return []Key{testKey(2), testKey(1), testKey(3)}
+			},
+			survives: []Key{testKey(4)},
+		},
+		{
+			name: "referenced, recent and in-use bases stay",
+			setup: func(t *testing.T, c *Cache) []Key {
+				ref := fill(t, c, testKey(1), 12, 9*old)
+				box, _ := c.cfg.Home.Box("pvc-a")
+				if _, err := PrepareBox(context.Background(), box, ref, 0); err != nil {
+					t.Fatal(err)
+				}
+				fill(t, c, testKey(2), 12, time.Second) // inside the grace period
+				fill(t, c, testKey(3), 12, 2*old)
+				fill(t, c, testKey(4), 12, old)
+				return []Key{testKey(3), testKey(4)}
+			},
+			survives: []Key{testKey(1), testKey(2)},
+		},
+		{
+			name: "incomplete reference scan skips the pass",
+			setup: func(t *testing.T, c *Cache) []Key {
+				for i := 1; i <= 4; i++ {
+					fill(t, c, testKey(i), 12, old)
+				}
+				// A box whose base/ is a file: its base link cannot be
+				// stat'ed (ENOTDIR), so references are unknown.
+				box, _ := c.cfg.Home.Box("pvc-broken")
+				if err := os.MkdirAll(box.Root(), 0o755); err != nil {
+					t.Fatal(err)
+				}
+				writeFile(t, box.BaseDir(), []byte("x"))
+				return nil
+			},
+			skipped:  "reference scan incomplete",
+			survives: []Key{testKey(1), testKey(2), testKey(3), testKey(4)},
+		},
+		{
+			name: "max size triggers below the watermark",
+			cfg:  CacheConfig{MaxBytes: 10 << 20},
+			setup: func(t *testing.T, c *Cache) []Key {
+				fill(t, c, testKey(1), 4, 2*old)
+				fill(t, c, testKey(2), 4, 3*old)
+				fill(t, c, testKey(3), 4, old)
+				// 12 MiB > 10 MiB; stop at 10*0.30/0.50 = 6 MiB.
+				return []Key{testKey(2), testKey(1)}
+			},
+			survives: []Key{testKey(3)},
+		},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := tc.cfg
+			cfg.Home = layout.NewHome(smallHome(t, "64m"), layout.Config{})
+			cfg.HighWatermark, cfg.LowWatermark = 0.50, 0.30
+			c, err := NewCache(context.Background(), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := tc.setup(t, c)
+			st, err := c.Evict(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st.Skipped != tc.skipped {
+				t.Fatalf("skipped %q, want %q (stats %+v)", st.Skipped, tc.skipped, st)
+			}
+			if !slices.Equal(st.Evicted, want) {
+				t.Fatalf("evicted %v, want %v", st.Evicted, want)
+			}
+			for _, k := range want {
+				if _, err := os.Stat(c.Path(k)); !os.IsNotExist(err) {
+					t.Errorf("%s still present: %v", k, err)
+				}
+			}
+			for _, k := range tc.survives {
+				if _, err := os.Stat(c.Path(k)); err != nil {
+					t.Errorf("%s was evicted: %v", k, err)
+				}
+			}
+			if len(want) > 0 {
+				if used, _ := usedFraction(c.cfg.Home.Images().DiskImagesDir()); used > c.cfg.HighWatermark {
+					t.Errorf("still %.2f full after eviction", used)
+				}
+			}
+			// Boxes keep working whatever was evicted.
+			ids, _ := c.cfg.Home.BoxIDs()
+			for _, id := range ids {
+				box, _ := c.cfg.Home.Box(id)
+				if _, err := os.Stat(box.GuestRootfsDiskPath()); err == nil {
+					if _, err := PrepareBox(context.Background(), box, Base{}, 0); err != nil {
+						t.Errorf("box %s broken after eviction: %v", id, err)
+					}
+				}
+			}
+		})
+	}
+}
