@@ -62,11 +62,11 @@ var ErrRefusedOverlay = errors.New("overlay refused")
 // on-disk record that this base is in use. Making it read-only with a bind
 // mount is the driver's job.
 //
-// The virtual size of a new overlay is max(base size, size). A reused
-// overlay keeps the size it has. The box's own linked base wins over base
-// for a reused overlay: the overlay's clusters are only meaningful over
-// the exact bytes it was created on.
-func PrepareBox(ctx context.Context, box layout.Box, base Base, size uint64) (BoxDisk, error) {
+// base is only called when an overlay must be created, so reusing a box
+// needs neither the cache nor a registry: the box's own linked base is
+// the one its overlay was written over. The virtual size of a new overlay
+// is max(base size, size); a reused overlay keeps the size it has.
+func PrepareBox(ctx context.Context, box layout.Box, base func(context.Context) (Base, error), size uint64) (BoxDisk, error) {
 	if err := box.Prepare(); err != nil {
 		return BoxDisk{}, err
 	}
@@ -110,7 +110,11 @@ func PrepareBox(ctx context.Context, box layout.Box, base Base, size uint64) (Bo
 
 // createOverlay links base into the box (replacing a link left by an
 // earlier attempt that never got an overlay) and writes a fresh overlay.
-func createOverlay(ctx context.Context, box layout.Box, base Base, size uint64, d BoxDisk, o Outcome) (BoxDisk, error) {
+func createOverlay(ctx context.Context, box layout.Box, getBase func(context.Context) (Base, error), size uint64, d BoxDisk, o Outcome) (BoxDisk, error) {
+	base, err := getBase(ctx)
+	if err != nil {
+		return d, err
+	}
 	if err := linkBase(box, base); err != nil {
 		return d, err
 	}

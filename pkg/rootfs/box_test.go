@@ -68,13 +68,13 @@ func assertChainReachesBase(t *testing.T, box layout.Box, base Base) {
 func TestReuseKeepsValidOverlay(t *testing.T) {
 	c, base := newTestCache(t, 1<<20)
 	box := testBox(t, c, "box-1")
-	d, err := PrepareBox(context.Background(), box, base, 0)
+	d, err := PrepareBox(context.Background(), box, fixed(base), 0)
 	if err != nil || d.Outcome != Created {
 		t.Fatalf("first prepare: %+v, %v", d, err)
 	}
 	before, _ := os.Stat(d.Overlay)
 
-	d, err = PrepareBox(context.Background(), box, base, 0)
+	d, err = PrepareBox(context.Background(), box, noBase(t), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,11 +114,11 @@ func TestReuseRecreatesCorruptOverlay(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			c, base := newTestCache(t, 1<<20)
 			box := testBox(t, c, "box-1")
-			if _, err := PrepareBox(context.Background(), box, base, 0); err != nil {
+			if _, err := PrepareBox(context.Background(), box, fixed(base), 0); err != nil {
 				t.Fatal(err)
 			}
 			tc.corrupt(t, box.GuestRootfsDiskPath())
-			d, err := PrepareBox(context.Background(), box, base, 0)
+			d, err := PrepareBox(context.Background(), box, fixed(base), 0)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -128,6 +128,11 @@ func TestReuseRecreatesCorruptOverlay(t *testing.T) {
 			assertChainReachesBase(t, box, base)
 		})
 	}
+}
+
+// fixed hands PrepareBox an already installed base.
+func fixed(b Base) func(context.Context) (Base, error) {
+	return func(context.Context) (Base, error) { return b, nil }
 }
 
 func writeFile(t *testing.T, p string, b []byte) {
@@ -147,7 +152,7 @@ func TestIOErrorDoesNotDiscardOverlay(t *testing.T) {
 	if err := os.Mkdir(box.GuestRootfsDiskPath(), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	_, err := PrepareBox(context.Background(), box, base, 0)
+	_, err := PrepareBox(context.Background(), box, fixed(base), 0)
 	if err == nil || !strings.Contains(err.Error(), "refusing to discard") || !errors.Is(err, ErrRefusedOverlay) {
 		t.Fatalf("err = %v, want a refusal to discard", err)
 	}
@@ -161,13 +166,13 @@ func TestIOErrorDoesNotDiscardOverlay(t *testing.T) {
 func TestReuseReportsMissingBacking(t *testing.T) {
 	c, base := newTestCache(t, 1<<20)
 	box := testBox(t, c, "box-1")
-	if _, err := PrepareBox(context.Background(), box, base, 0); err != nil {
+	if _, err := PrepareBox(context.Background(), box, fixed(base), 0); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Remove(box.BasePath()); err != nil {
 		t.Fatal(err)
 	}
-	_, err := PrepareBox(context.Background(), box, base, 0)
+	_, err := PrepareBox(context.Background(), box, fixed(base), 0)
 	var mb *qcow2.MissingBackingError
 	if !errors.As(err, &mb) || !strings.Contains(err.Error(), "has missing backing file") || !strings.Contains(err.Error(), box.GuestRootfsDiskPath()) {
 		t.Fatalf("err = %v, want a missing-backing error naming the overlay", err)
@@ -184,13 +189,13 @@ func TestReuseReportsMissingBacking(t *testing.T) {
 func TestBoxSurvivesEvictedCacheFile(t *testing.T) {
 	c, base := newTestCache(t, 1<<20)
 	box := testBox(t, c, "box-1")
-	if _, err := PrepareBox(context.Background(), box, base, 0); err != nil {
+	if _, err := PrepareBox(context.Background(), box, fixed(base), 0); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Remove(base.Path); err != nil {
 		t.Fatal(err)
 	}
-	d, err := PrepareBox(context.Background(), box, base, 0)
+	d, err := PrepareBox(context.Background(), box, noBase(t), 0)
 	if err != nil || d.Outcome != Reused {
 		t.Fatalf("%+v, %v", d, err)
 	}
@@ -211,7 +216,7 @@ func TestTamperedOverlayIsRefusedAndKept(t *testing.T) {
 				t.Fatal(err)
 			}
 			before, _ := os.ReadFile(box.GuestRootfsDiskPath())
-			_, err := PrepareBox(context.Background(), box, base, 0)
+			_, err := PrepareBox(context.Background(), box, fixed(base), 0)
 			if !errors.Is(err, ErrRefusedOverlay) || !qcow2.IsTampered(err) || !strings.Contains(err.Error(), backing) {
 				t.Fatalf("err = %v, want a tampered refusal naming %s", err, backing)
 			}
@@ -238,7 +243,7 @@ func TestVirtualSizeIsMaxOfBaseAndRequest(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			c, base := newTestCache(t, 1<<20)
 			box := testBox(t, c, "v")
-			d, err := PrepareBox(context.Background(), box, base, tc.requested)
+			d, err := PrepareBox(context.Background(), box, fixed(base), tc.requested)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -261,7 +266,7 @@ func TestStaleBaseLinkReplacedWhenNoOverlay(t *testing.T) {
 	}
 	// An interrupted attempt left an empty placeholder and no overlay.
 	writeFile(t, box.BasePath(), nil)
-	if _, err := PrepareBox(context.Background(), box, base, 0); err != nil {
+	if _, err := PrepareBox(context.Background(), box, fixed(base), 0); err != nil {
 		t.Fatal(err)
 	}
 	assertChainReachesBase(t, box, base)
@@ -281,7 +286,7 @@ func linkCount(t *testing.T, p string) uint64 {
 
 func TestBoxPathsStayInBoxes(t *testing.T) {
 	c, base := newTestCache(t, 1<<20)
-	d, err := PrepareBox(context.Background(), testBox(t, c, "pvc-1"), base, 0)
+	d, err := PrepareBox(context.Background(), testBox(t, c, "pvc-1"), fixed(base), 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,6 +2,7 @@ package rootfs
 
 import (
 	"context"
+	"errors"
 	"os"
 	"slices"
 	"testing"
@@ -48,6 +49,15 @@ func fill(t *testing.T, c *Cache, k Key, mib int, age time.Duration) Base {
 	return b
 }
 
+// noBase fails the test if PrepareBox asks for a base: reusing a box must
+// not need one.
+func noBase(t *testing.T) func(context.Context) (Base, error) {
+	return func(context.Context) (Base, error) {
+		t.Error("PrepareBox asked for a base to reuse an existing box")
+		return Base{}, errors.New("no base")
+	}
+}
+
 func TestEvict(t *testing.T) {
 	old := time.Hour
 	cases := []struct {
@@ -85,7 +95,7 @@ func TestEvict(t *testing.T) {
 			setup: func(t *testing.T, c *Cache) []Key {
 				ref := fill(t, c, testKey(1), 12, 9*old)
 				box, _ := c.cfg.Home.Box("pvc-a")
-				if _, err := PrepareBox(context.Background(), box, ref, 0); err != nil {
+				if _, err := PrepareBox(context.Background(), box, fixed(ref), 0); err != nil {
 					t.Fatal(err)
 				}
 				fill(t, c, testKey(2), 12, time.Second) // inside the grace period
@@ -166,7 +176,7 @@ func TestEvict(t *testing.T) {
 			for _, id := range ids {
 				box, _ := c.cfg.Home.Box(id)
 				if _, err := os.Stat(box.GuestRootfsDiskPath()); err == nil {
-					if _, err := PrepareBox(context.Background(), box, Base{}, 0); err != nil {
+					if _, err := PrepareBox(context.Background(), box, noBase(t), 0); err != nil {
 						t.Errorf("box %s broken after eviction: %v", id, err)
 					}
 				}
