@@ -1,0 +1,121 @@
+package ext4
+
+import (
+	"fmt"
+	"time"
+)
+
+// Default limits. They bound what a hostile image can make the builder do:
+// claim a huge sparse file, unpack a decompression bomb, or flood the tree
+// with tiny entries (each costs memory until Finish).
+const (
+	DefaultMaxTotalBytes = 64 << 30
+	DefaultMaxFileSize   = 16 << 30
+	DefaultMaxFiles      = 1 << 20
+
+	maxSize = 16 << 40
+)
+
+// Options configures a Builder. The zero value is usable.
+type Options struct {
+	// Headroom is the free space, in bytes, the filesystem must have on top
+	// of the image content, for what the guest writes.
+	Headroom int64
+	// HeadroomRatio adds free space in proportion to the content: 0.1
+	// gives a tenth of the data's size on top of Headroom. Upstream BoxLite
+	// sizes bases as content*1.1 + 64 MiB, at least 256 MiB.
+	HeadroomRatio float64
+	// MinSize is the smallest filesystem size in bytes; the image grows
+	// beyond it when content plus Headroom need more.
+	MinSize int64
+	// Label is the volume label, at most 16 bytes.
+	Label string
+	// UUID is the filesystem UUID; the zero value picks a random one. The
+	// directory hash seed is derived from it, so a fixed UUID together with
+	// a fixed Time and identical layers gives a byte-identical image.
+	UUID [16]byte
+	// Time stamps the superblock, lost+found and directories that the
+	// layers create only implicitly. Zero means time.Now().
+	Time time.Time
+
+	// MaxTotalBytes caps the sum of regular file sizes over all layers
+	// (including files later deleted), in bytes. 0 means DefaultMaxTotalBytes.
+	MaxTotalBytes int64
+	// MaxFileSize caps a single regular file's size. 0 means DefaultMaxFileSize.
+	MaxFileSize int64
+	// MaxFiles caps the number of tar entries over all layers. 0 means
+	// DefaultMaxFiles.
+	MaxFiles int64
+}
+
+func (o Options) withDefaults() (Options, error) {
+	if o.MaxTotalBytes == 0 {
+		o.MaxTotalBytes = DefaultMaxTotalBytes
+	}
+	if o.MaxFileSize == 0 {
+		o.MaxFileSize = DefaultMaxFileSize
+	}
+	if o.MaxFiles == 0 {
+		o.MaxFiles = DefaultMaxFiles
+	}
+	if o.Time.IsZero() {
+		o.Time = time.Now()
+	}
+	switch {
+	case o.Headroom < 0 || o.MinSize < 0:
+		return o, fmt.Errorf("ext4: negative Headroom or MinSize")
+	case !(o.HeadroomRatio >= 0 && o.HeadroomRatio <= 16):
+		return o, fmt.Errorf("ext4: HeadroomRatio %v outside 0..16", o.HeadroomRatio)
+	case o.MaxTotalBytes < 0 || o.MaxFileSize < 0 || o.MaxFiles < 0:
+		return o, fmt.Errorf("ext4: negative limit")
+	case len(o.Label) > 16:
+		return o, fmt.Errorf("ext4: label %q longer than 16 bytes", o.Label)
+	case o.Headroom > maxSize || o.MinSize > maxSize || o.MaxTotalBytes > maxSize || o.MaxFiles > 1<<32:
+		// Keeps the descriptor table reserved for these limits well inside
+		// group 0 and all block arithmetic far from overflow.
+		return o, fmt.Errorf("ext4: sizes above 16 TiB or more than 2^32 files are not supported")
+	}
+	return o, nil
+}
+
+// LimitError reports that the layers exceed one of the Options limits.
+type LimitError struct {
+	Limit string // name of the Options field
+	Max   int64  // its value
+}
+
+func (e *LimitError) Error() string {
+	return fmt.Sprintf("limit %s (%d) exceeded", e.Limit, e.Max)
+}
+
+// EntryError reports a tar entry that cannot be applied: its path escapes
+// the root, a hard link points nowhere, a limit is crossed, and so on. It
+// wraps the cause (for instance a *LimitError).
+type EntryError struct {
+	Layer int    // index of the layer, 0 for the first ApplyLayer call
+	Path  string // entry name as found in the tar header
+	Err   error
+}
+
+func (e *EntryError) Error() string {
+	return fmt.Sprintf("ext4: layer %d: %q: %v", e.Layer, e.Path, e.Err)
+}
+
+func (e *EntryError) Unwrap() error { return e.Err }
+
+// Stats describes a finished image.
+type Stats struct {
+	Entries       int64 // tar entries read over all layers
+	Files         int64 // regular file inodes in the image
+	Dirs          int64 // directories, including the root and lost+found
+	Symlinks      int64
+	Specials      int64 // character and block devices, FIFOs
+	HardLinks     int64 // directory entries beyond the first for an inode
+	DataBytes     int64 // sum of regular file sizes in the image
+	Inodes        int64 // inodes in use, including reserved ones
+	FreeInodes    int64
+	ImageBytes    int64 // size of the filesystem (and of the file)
+	FreeBytes     int64
+	SkippedXattrs int64 // attributes in namespaces ext4 cannot store
+	SkippedOther  int64 // entries of types an image cannot hold (sockets, ...)
+}
