@@ -1,0 +1,194 @@
+package source
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+)
+
+// userAgent is sent to registries.
+const userAgent = "boxlite-csi"
+
+// Image is a resolved image: everything about it is fixed by Digest.
+type Image struct {
+	// Ref is the reference Resolve was given.
+	Ref Ref
+	// Digest is the digest of the platform image manifest: the cache key.
+	Digest v1.Hash
+	// IndexDigest is the digest of the index the platform was picked
+	// from; the zero Hash if the reference named an image manifest.
+	IndexDigest v1.Hash
+	// Pinned names exactly this image: "<registry>/<repo>@<digest>" (fully
+	// qualified, e.g. index.docker.io/library/busybox@sha256:…) or
+	// "<transport>:<path>@<digest>". Parse accepts it.
+	Pinned string
+	// Platform is the platform of the image, from the index entry or the
+	// image config (may be empty for a lone image whose config says
+	// nothing).
+	Platform v1.Platform
+	// MediaType of the image manifest.
+	MediaType types.MediaType
+	// V1 gives the manifest, config and layers. All its fetches are by
+	// digest. For registries they use the ctx given to Resolve, which must
+	// stay alive until the layers have been read.
+	V1 v1.Image
+
+	config *v1.ConfigFile
+}
+
+// Config returns the parts of the image config a box needs.
+func (i *Image) Config() (Config, error) {
+	cf := i.config
+	if cf == nil {
+		var err error
+		if cf, err = i.V1.ConfigFile(); err != nil {
+			return Config{}, wrap(i.Ref, "", credInfo{}, fmt.Errorf("image config: %w", err))
+		}
+	}
+	return configFrom(cf), nil
+}
+
+// Resolve resolves ref to one image manifest, once: a tag is looked up
+// with a single manifest GET and everything after that is fetched by
+// digest, so a tag that moves later does not change the returned Image.
+// An index is narrowed to opts.Platform (*PlatformNotFoundError if it has
+// no such image); a lone image whose config names another platform is
+// refused the same way.
+//
+// The config is fetched (bounded by MaxManifestBytes) so that Config does
+// not fail later. For a docker-archive the manifest is the one
+// go-containerregistry synthesises from manifest.json: when the archive
+// holds uncompressed layers (as `docker save` writes them) they are
+// gzipped to compute it, so resolving reads every layer once, and the
+// digest differs from the registry's copy of the same image. It is stable
+// for a given archive and go-containerregistry version.
+//
+// Errors name the reference; see IsNotFound, IsUnauthorized,
+// IsUnavailable and IsInvalidArgument for their classes.
+func Resolve(ctx context.Context, ref Ref, opts Options) (*Image, error) {
+	opts = opts.withDefaults()
+	switch ref.transport {
+	case TransportRegistry:
+		return resolveRegistry(ctx, ref, &opts)
+	case TransportOCI, TransportOCIArchive:
+		return resolveLayout(ctx, ref, &opts)
+	case TransportDockerArchive:
+		return resolveDockerArchive(ctx, ref, &opts)
+	}
+	return nil, &InvalidReferenceError{Ref: ref.String(), Reason: "zero Ref (use Parse)"}
+}
+
+func resolveRegistry(ctx context.Context, ref Ref, opts *Options) (*Image, error) {
+	var nopts []name.Option
+	if opts.PlainHTTP {
+		nopts = append(nopts, name.Insecure)
+	}
+	nref, err := name.ParseReference(ref.raw, nopts...)
+	if err != nil {
+		return nil, &InvalidReferenceError{Ref: ref.raw, Reason: err.Error()}
+	}
+	repo := nref.Context()
+	registry := repo.RegistryStr()
+	auth, cred, err := opts.authenticator(repo)
+	if err != nil {
+		return nil, wrap(ref, registry, cred, err)
+	}
+	fail := func(err error) (*Image, error) { return nil, wrap(ref, registry, cred, err) }
+
+	puller, err := remote.NewPuller(
+		remote.WithTransport(opts.roundTripper()),
+		remote.WithAuth(auth),
+		remote.WithPlatform(*opts.Platform),
+		remote.WithUserAgent(userAgent),
+	)
+	if err != nil {
+		return fail(err)
+	}
+	desc, err := puller.Get(ctx, nref)
+	if err != nil {
+		return fail(err)
+	}
+	switch mt := desc.MediaType; {
+	case mt.IsImage():
+		img, err := desc.Image()
+		if err != nil {
+			return fail(err)
+		}
+		return finish(ref, img, v1.Hash{}, nil, opts, fail)
+	case mt.IsIndex():
+		im, err := v1.ParseIndexManifest(bytes.NewReader(desc.Manifest))
+		if err != nil {
+			return fail(fmt.Errorf("index %s: %w", desc.Digest, err))
+		}
+		child, offered, ok := pickPlatform(im, *opts.Platform)
+		if !ok {
+			return fail(&PlatformNotFoundError{Ref: ref.String(), Want: platformString(*opts.Platform), Offered: offered})
+		}
+		if child.Size > opts.MaxManifestBytes {
+			return fail(&ManifestTooLargeError{What: "manifest " + child.Digest.String(), Size: child.Size, Limit: opts.MaxManifestBytes})
+		}
+		cdesc, err := puller.Get(ctx, repo.Digest(child.Digest.String()))
+		if err != nil {
+			return fail(err)
+		}
+		if !cdesc.MediaType.IsImage() {
+			return fail(fmt.Errorf("index entry %s for %s is a %s, not an image manifest", child.Digest, platformString(*child.Platform), cdesc.MediaType))
+		}
+		img, err := cdesc.Image()
+		if err != nil {
+			return fail(err)
+		}
+		return finish(ref, img, desc.Digest, child.Platform, opts, fail)
+	case mt.IsSchema1():
+		return fail(fmt.Errorf("manifest %s is Docker schema 1 (%s), which is not supported; re-push the image with a current client", desc.Digest, mt))
+	default:
+		return fail(fmt.Errorf("manifest %s has media type %q, which is neither an image manifest nor an index", desc.Digest, mt))
+	}
+}
+
+// finish checks the config and fills in an Image. platform is the index
+// entry's platform, nil for a lone image.
+func finish(ref Ref, img v1.Image, index v1.Hash, platform *v1.Platform, opts *Options, fail func(error) (*Image, error)) (*Image, error) {
+	digest, err := img.Digest()
+	if err != nil {
+		return fail(err)
+	}
+	mt, err := img.MediaType()
+	if err != nil {
+		return fail(err)
+	}
+	m, err := img.Manifest()
+	if err != nil {
+		return fail(fmt.Errorf("manifest %s: %w", digest, err))
+	}
+	if m.Config.Size > opts.MaxManifestBytes {
+		return fail(&ManifestTooLargeError{What: "image config " + m.Config.Digest.String(), Size: m.Config.Size, Limit: opts.MaxManifestBytes})
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		return fail(fmt.Errorf("image config %s: %w", m.Config.Digest, err))
+	}
+	out := &Image{
+		Ref:         ref,
+		Digest:      digest,
+		IndexDigest: index,
+		Pinned:      ref.pinned(digest.String()),
+		MediaType:   mt,
+		V1:          img,
+		config:      cf,
+	}
+	if platform != nil {
+		out.Platform = *platform
+	} else {
+		if err := checkConfigPlatform(ref, cf, *opts.Platform); err != nil {
+			return fail(err)
+		}
+		out.Platform = v1.Platform{OS: cf.OS, Architecture: cf.Architecture, Variant: cf.Variant, OSVersion: cf.OSVersion}
+	}
+	return out, nil
+}
