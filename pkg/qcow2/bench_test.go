@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"testing"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/scratch"
 )
 
 // BenchmarkCreateOverlay compares, in one run, our durable and non-durable
@@ -19,7 +21,7 @@ import (
 // which would make runs incomparable. Set BOXLITE_BENCH_DIR to choose a
 // directory instead.
 func BenchmarkCreateOverlay(b *testing.B) {
-	dir := benchDir(b)
+	dir := scratch.Dir(b)
 	base := filepath.Join(dir, "base.raw")
 	if err := os.WriteFile(base, make([]byte, 4096), 0o644); err != nil {
 		b.Fatal(err)
@@ -84,41 +86,4 @@ func benchRun(b *testing.B, dir string) string {
 	}
 	b.Cleanup(func() { os.RemoveAll(run) })
 	return run
-}
-
-func benchDir(b *testing.B) string {
-	if d := os.Getenv("BOXLITE_BENCH_DIR"); d != "" {
-		return d
-	}
-	dir := b.TempDir()
-	if os.Geteuid() != 0 {
-		b.Log("not root: benchmarking on the temp directory's filesystem; numbers are noisier than on a scratch ext4")
-		return dir
-	}
-	img := filepath.Join(dir, "scratch.ext4")
-	mnt := filepath.Join(dir, "mnt")
-	if err := os.Mkdir(mnt, 0o755); err != nil {
-		b.Fatal(err)
-	}
-	if err := os.WriteFile(img, nil, 0o644); err != nil {
-		b.Fatal(err)
-	}
-	if err := os.Truncate(img, 1<<30); err != nil {
-		b.Fatal(err)
-	}
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", img).CombinedOutput(); err != nil {
-		b.Logf("mkfs.ext4 failed (%v: %s): benchmarking on the temp directory's filesystem", err, out)
-		return dir
-	}
-	if out, err := exec.Command("mount", "-o", "loop", img, mnt).CombinedOutput(); err != nil {
-		b.Logf("loop mount failed (%v: %s): benchmarking on the temp directory's filesystem", err, out)
-		return dir
-	}
-	b.Cleanup(func() {
-		if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
-			b.Errorf("umount %s: %v: %s", mnt, err, out)
-		}
-	})
-	b.Logf("benchmarking on a scratch ext4 (journal) at %s on a loop device", mnt)
-	return mnt
 }

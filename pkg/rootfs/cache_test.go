@@ -239,9 +239,17 @@ func TestInvalidKeyBuildsNothing(t *testing.T) {
 	}
 }
 
-// The child half of TestBuildKilledHalfway: it starts a build that writes
-// half a disk and then hangs until killed.
+// TestMain also serves as the child process of two tests: the half of
+// TestBuildKilledHalfway that starts a build and hangs until killed, and
+// BenchmarkColdBuild's builder.
 func TestMain(m *testing.M) {
+	if spec := os.Getenv("BOXLITE_BENCH_BUILD"); spec != "" {
+		if err := benchBuildChild(spec); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(3)
+		}
+		os.Exit(0)
+	}
 	if home := os.Getenv("BOXLITE_TEST_HANGING_BUILD_HOME"); home != "" {
 		c, err := NewCache(context.Background(), CacheConfig{Home: layout.NewHome(home, layout.Config{})})
 		if err != nil {

@@ -249,3 +249,10 @@ func (c *Cache) RunEviction(ctx context.Context, interval time.Duration) {
 		}
 	}
 }
+
+// Fill reports how full the cache filesystem is, and the high watermark it
+// is judged against.
+func (c *Cache) Fill() (used, high float64, err error) {
+	used, err = usedFraction(c.cfg.Home.Images().DiskImagesDir())
+	return used, c.cfg.HighWatermark, err
+}

@@ -1,0 +1,235 @@
+package rootfs
+
+import (
+	"bytes"
+	"context"
+	"net/http"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/testimage"
+	"github.com/boxlite-csi/boxlite-csi/internal/testregistry"
+	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/source"
+)
+
+// resolve pins ref in the test registry, as the driver does.
+func resolve(t testing.TB, ctx context.Context, ref string) (*source.Image, error) {
+	t.Helper()
+	r, err := source.Parse(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return source.Resolve(ctx, r, source.Options{PlainHTTP: true})
+}
+
+// buildFrom is the BuildFunc the driver uses: resolve inside the build, so
+// joined callers fetch nothing.
+func buildFrom(t testing.TB, ref string, builds *atomic.Int32) BuildFunc {
+	return func(ctx context.Context, out *os.File) error {
+		if builds != nil {
+			builds.Add(1)
+		}
+		img, err := resolve(t, ctx, ref)
+		if err != nil {
+			return err
+		}
+		return (&Ext4Builder{}).Build(ctx, img.V1, out)
+	}
+}
+
+func needTool(t testing.TB, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		t.Skipf("%s not installed (apt-get install e2fsprogs): cannot judge the base disk", name)
+	}
+	return p
+}
+
+func TestBaseMatchesImageExport(t *testing.T) {
+	e2fsck := needTool(t, "e2fsck")
+	reg := testregistry.NewInProcess(t)
+	rich := testimage.Rich(t)
+	reg.Push(t, "rich:1", rich)
+	ctx := context.Background()
+	img, err := resolve(t, ctx, reg.Ref("rich:1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newCache(t, t.TempDir())
+	base, err := c.Ensure(ctx, Key{Digest: img.Digest.String(), Builder: Ext4BuilderVersion}, buildFrom(t, reg.Ref("rich:1"), nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(e2fsck, "-fn", base.Path).CombinedOutput(); err != nil {
+		t.Fatalf("e2fsck -fn: %v\n%s", err, out)
+	}
+	if base.Size < DefaultMinSize {
+		t.Errorf("base is %d bytes, below upstream's 256 MiB minimum", base.Size)
+	}
+	if out, _ := exec.Command(needTool(t, "dumpe2fs"), "-h", base.Path).CombinedOutput(); !bytes.Contains(out, []byte("has_journal")) {
+		t.Errorf("base has no journal:\n%s", out)
+	}
+
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to loop-mount the base and read its tree back")
+	}
+	mnt := t.TempDir()
+	if out, err := exec.Command("mount", "-o", "loop,ro", base.Path, mnt).CombinedOutput(); err != nil {
+		t.Fatalf("mount: %v\n%s", err, out)
+	}
+	defer exec.Command("umount", mnt).Run()
+	got := dirTree(t, mnt)
+	for name, want := range map[string]testimage.Tree{
+		"the fixture's expected tree":   testimage.RichTree(),
+		"crane export (mutate.Extract)": exportTree(t, img.V1),
+	} {
+		if diffs := diffTrees(want, got); len(diffs) > 0 {
+			t.Errorf("base differs from %s:\n  %s", name, strings.Join(diffs, "\n  "))
+		}
+	}
+}
+
+func TestConcurrentColdCallersPullEachBlobOnce(t *testing.T) {
+	reg := testregistry.NewInProcess(t)
+	img := testimage.Random(t, 1, 3, 60, 4<<20)
+	reg.Push(t, "random:1", img)
+	reg.Reset()
+	ref := reg.Ref("random:1")
+	pinned, err := resolve(t, context.Background(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg.Reset()
+
+	c := newCache(t, t.TempDir())
+	key := Key{Digest: pinned.Digest.String(), Builder: Ext4BuilderVersion}
+	var builds atomic.Int32
+	var wg sync.WaitGroup
+	errs := make(chan error, 16)
+	for range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := c.Ensure(context.Background(), key, buildFrom(t, pinned.Pinned, &builds))
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := builds.Load(); n != 1 {
+		t.Fatalf("%d builds, want 1", n)
+	}
+	blobs := blobDigests(t, img)
+	for _, d := range blobs {
+		if n := reg.BlobGETs(d); n != 1 {
+			t.Errorf("blob %s fetched %d times, want 1", d, n)
+		}
+	}
+	if len(blobs) != 4 {
+		t.Fatalf("expected 3 layers and a config, got %d blobs", len(blobs))
+	}
+}
+
+func blobDigests(t *testing.T, img v1.Image) []v1.Hash {
+	t.Helper()
+	cfg, err := img.ConfigName()
+	if err != nil {
+		t.Fatal(err)
+	}
+	layers, err := img.Layers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := []v1.Hash{cfg}
+	for _, l := range layers {
+		d, err := l.Digest()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, d)
+	}
+	return out
+}
+
+// TestTamperedLayerIsNotCached serves a layer whose bytes do not match its
+// digest: the build fails naming the digest, and nothing is installed.
+func TestTamperedLayerIsNotCached(t *testing.T) {
+	img := testimage.Busybox(t)
+	layers, _ := img.Layers()
+	bad, _ := layers[0].Digest()
+	for _, tc := range []struct {
+		name     string
+		corrupt  func([]byte) []byte
+		harmless bool
+	}{
+		{name: "flipped byte", corrupt: func(b []byte) []byte { b[len(b)/2] ^= 0xff; return b }},
+		{name: "truncated", corrupt: func(b []byte) []byte { return b[:len(b)/2] }},
+		// The client reads exactly the descriptor's size, so bytes past it
+		// are never read, and what is read hashes to the digest.
+		{name: "padded", corrupt: func(b []byte) []byte { return append(b, 0, 0, 0, 0) }, harmless: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			reg := testregistry.NewInProcess(t, testregistry.WithMiddleware(func(next http.Handler) http.Handler {
+				return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					if r.Method != http.MethodGet || !strings.HasSuffix(r.URL.Path, "/blobs/"+bad.String()) {
+						next.ServeHTTP(w, r)
+						return
+					}
+					rec := &recorder{header: http.Header{}}
+					next.ServeHTTP(rec, r)
+					body := tc.corrupt(rec.body.Bytes())
+					for k, v := range rec.header {
+						if k != "Content-Length" {
+							w.Header()[k] = v
+						}
+					}
+					w.WriteHeader(rec.code)
+					w.Write(body)
+				})
+			}))
+			reg.Push(t, "bb:1", img)
+			pinned, err := resolve(t, context.Background(), reg.Ref("bb:1"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			c := newCache(t, t.TempDir())
+			k := Key{Digest: pinned.Digest.String(), Builder: Ext4BuilderVersion}
+			_, err = c.Ensure(context.Background(), k, buildFrom(t, pinned.Pinned, nil))
+			if tc.harmless {
+				if err != nil {
+					t.Fatalf("trailing bytes past the blob's size failed the build: %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), bad.String()) {
+				t.Fatalf("err = %v, want a failure naming layer %s", err, bad)
+			}
+			if _, err := os.Stat(c.Path(k)); !os.IsNotExist(err) {
+				t.Fatalf("a base was installed from a tampered layer: %v", err)
+			}
+			assertNoTemps(t, c)
+		})
+	}
+}
+
+type recorder struct {
+	header http.Header
+	body   bytes.Buffer
+	code   int
+}
+
+func (r *recorder) Header() http.Header         { return r.header }
+func (r *recorder) Write(b []byte) (int, error) { return r.body.Write(b) }
+func (r *recorder) WriteHeader(code int)        { r.code = code }
