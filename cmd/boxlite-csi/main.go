@@ -13,8 +13,12 @@ import (
 	"os/signal"
 	"runtime"
 	"syscall"
+	"time"
 
-	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
+	"k8s.io/klog/v2"
+
+	"github.com/boxlite-csi/boxlite-csi/pkg/driver"
+	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
 )
 
 // version is stamped at build time with -ldflags "-X main.version=...".
@@ -23,29 +27,63 @@ var version = "dev"
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	os.Exit(run(ctx, os.Args[1:], os.Stdout, os.Stderr))
+	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	klog.Flush()
+	os.Exit(code)
 }
 
-// options are the command-line settings; flags bind to its fields so that
-// nothing global is mutated.
+// options are the command-line settings; flags bind to its fields.
 type options struct {
-	home        string
-	showVersion bool
+	cfg           driver.Config
+	headroom      byteSize
+	headroomRatio float64
+	minBaseSize   byteSize
+	reserve       byteSize
+	maxVolume     byteSize
+	cacheMax      byteSize
+	showVersion   bool
 }
 
 func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
+	host, _ := os.Hostname()
 	fs := flag.NewFlagSet("boxlite-csi", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.StringVar(&o.home, "home", "/var/lib/boxlite-csi",
-		"node cache and box directory: images/disk-images holds shared base disks, boxes/<volume> one box per volume; tmp, bases and images must be on one filesystem")
+	c := &o.cfg
+	fs.StringVar(&c.Endpoint, "endpoint", "unix:///csi/csi.sock", "CSI endpoint to serve: unix:///path/to.sock or tcp://host:port; a stale socket file is removed first")
+	fs.StringVar(&c.NodeID, "node-id", host, "this node's name, reported to Kubernetes and used as the topology value (default: the host name)")
+	fs.StringVar(&c.Home, "home", "/var/lib/boxlite-csi",
+		"node cache and box directory: images/disk-images holds shared base disks, boxes/<volume> one box per volume; tmp, bases, images and boxes must be on one filesystem")
+	fs.StringVar(&c.DriverName, "driver-name", "csi.boxlite.dev", "CSI driver name; the topology key is <driver-name>/node")
+	fs.Int64Var(&c.MaxVolumesPerNode, "max-volumes-per-node", 0, "most volumes the scheduler may place on this node; 0 means no limit")
+	fs.StringVar(&c.KubeletRegistrationPath, "kubelet-registration-path", "",
+		"if set, register with kubelet without the node-driver-registrar sidecar: the CSI socket's path on the host, e.g. /var/lib/kubelet/plugins/csi.boxlite.dev/csi.sock")
+	fs.StringVar(&c.RegistrationDir, "plugin-registration-dir", "/registration",
+		"kubelet's plugins_registry directory as mounted in this container; the registration socket <driver-name>-reg.sock is created there")
+	fs.Var(&o.reserve, "capacity-reserve", "space kept free on the home filesystem: subtracted from GetCapacity and from what a volume may claim (e.g. 2Gi)")
+	fs.Var(&o.maxVolume, "max-volume-size", "largest virtual size a volume may request; 0 means no limit")
+	fs.Float64Var(&c.CacheHighWatermark, "cache-high-watermark", 0.85, "fraction of the home filesystem in use above which unused base disks are evicted")
+	fs.Float64Var(&c.CacheLowWatermark, "cache-low-watermark", 0.70, "fraction eviction brings the home filesystem back down to")
+	fs.Var(&o.cacheMax, "cache-max-size", "also evict once the base disks together exceed this size; 0 means only the watermarks apply")
+	fs.DurationVar(&c.CacheGrace, "cache-grace", 5*time.Minute, "base disks installed or used this recently are never evicted")
+	fs.DurationVar(&c.EvictionInterval, "eviction-interval", time.Minute, "how often to run an eviction pass; 0 disables eviction")
+	fs.DurationVar(&c.BuildTimeout, "build-timeout", 30*time.Minute, "longest a base-disk build may run, including after the request that started it gave up")
+	o.headroom = rootfs.DefaultHeadroom
+	o.minBaseSize = rootfs.DefaultMinSize
+	fs.Var(&o.headroom, "base-headroom", "free space in every base disk on top of the image content, for the guest's writes")
+	fs.Float64Var(&o.headroomRatio, "base-headroom-ratio", rootfs.DefaultHeadroomRatio, "more free space in every base disk, as a fraction of the image content (upstream: 0.1)")
+	fs.Var(&o.minBaseSize, "base-min-size", "smallest base disk size")
 	fs.BoolVar(&o.showVersion, "version", false, "print the version and exit")
+	klog.InitFlags(fs)
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), `Usage: boxlite-csi [flags]
 
-boxlite-csi is a Kubernetes CSI node plugin for micro-VM sandboxes. Each
-volume is a box directory whose disks/guest-rootfs.qcow2 is a copy-on-write
-overlay over a read-only ext4 base disk, built once per image digest and
-shared from the node cache under --home.
+boxlite-csi is a Kubernetes CSI plugin for micro-VM sandboxes. Each volume
+is a box directory whose disks/guest-rootfs.qcow2 is a copy-on-write overlay
+over a read-only ext4 base disk, built once per image digest and shared from
+the node cache under --home. One process serves the Identity, Controller
+and Node services for its own node.
+
+Sizes accept plain bytes or Ki, Mi, Gi, Ti suffixes.
 
 Flags:
 `)
@@ -72,21 +110,23 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "boxlite-csi %s %s %s/%s\n", version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 		return 0
 	}
-	return serve(ctx, o, stderr)
-}
+	o.cfg.Version = version
+	o.cfg.CapacityReserve = int64(o.reserve)
+	o.cfg.MaxVolumeSize = int64(o.maxVolume)
+	o.cfg.CacheMaxBytes = int64(o.cacheMax)
+	builder := &rootfs.Ext4Builder{}
+	builder.Options.Headroom = int64(o.headroom)
+	builder.Options.HeadroomRatio = o.headroomRatio
+	builder.Options.MinSize = int64(o.minBaseSize)
 
-// serve prepares the node home. The CSI endpoint is added by the CSI
-// driver work; until then the plugin checks its home and exits.
-func serve(ctx context.Context, o options, stderr io.Writer) int {
-	if err := ctx.Err(); err != nil {
+	d, err := driver.New(ctx, o.cfg, builder)
+	if err != nil {
 		fmt.Fprintf(stderr, "boxlite-csi: %v\n", err)
 		return 1
 	}
-	home := layout.NewHome(o.home, layout.Config{BindMountSupported: true})
-	if err := home.Prepare(); err != nil {
+	if err := d.Run(ctx); err != nil {
 		fmt.Fprintf(stderr, "boxlite-csi: %v\n", err)
 		return 1
 	}
-	fmt.Fprintf(stderr, "boxlite-csi %s: home %s prepared; the CSI endpoint is not implemented yet\n", version, home.Dir())
 	return 0
 }

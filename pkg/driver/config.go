@@ -1,0 +1,77 @@
+package driver
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"time"
+)
+
+// Config is everything the driver is told at start-up.
+type Config struct {
+	// DriverName is the CSI driver name; its topology key is
+	// <DriverName>/node.
+	DriverName string
+	// Version is reported by GetPluginInfo.
+	Version string
+	// NodeID names this node in NodeGetInfo and in topology.
+	NodeID string
+	// Endpoint is the CSI socket, unix:///path or tcp://host:port.
+	Endpoint string
+	// Home is the node cache and box directory.
+	Home string
+	// MaxVolumesPerNode is reported by NodeGetInfo; 0 means no limit.
+	MaxVolumesPerNode int64
+	// CapacityReserve is kept out of GetCapacity and of the space a new
+	// volume may claim, so the node cache can still grow.
+	CapacityReserve int64
+	// MaxVolumeSize caps a volume's virtual size; 0 means no cap.
+	MaxVolumeSize int64
+	// KubeletRegistrationPath, when set, makes the plugin register itself
+	// with kubelet: it is the CSI socket's path on the host, which kubelet
+	// dials. The registration socket goes into RegistrationDir.
+	KubeletRegistrationPath string
+	// RegistrationDir is kubelet's plugins_registry directory as this
+	// process sees it.
+	RegistrationDir string
+
+	// Cache watermarks and limits; see rootfs.CacheConfig.
+	CacheHighWatermark float64
+	CacheLowWatermark  float64
+	CacheMaxBytes      int64
+	CacheGrace         time.Duration
+	EvictionInterval   time.Duration
+	// BuildTimeout bounds one base build.
+	BuildTimeout time.Duration
+}
+
+// TopologyKey is the node topology segment this driver reports.
+func (c Config) TopologyKey() string { return c.DriverName + "/node" }
+
+func (c Config) validate() error {
+	var errs []error
+	if c.DriverName == "" {
+		errs = append(errs, errors.New("driver name is empty"))
+	}
+	if c.NodeID == "" {
+		errs = append(errs, errors.New("node ID is empty"))
+	}
+	if c.Endpoint == "" {
+		errs = append(errs, errors.New("endpoint is empty"))
+	}
+	if !filepath.IsAbs(c.Home) {
+		errs = append(errs, fmt.Errorf("home %q must be an absolute path", c.Home))
+	}
+	if c.MaxVolumesPerNode < 0 || c.CapacityReserve < 0 || c.MaxVolumeSize < 0 || c.CacheMaxBytes < 0 {
+		errs = append(errs, errors.New("limits must not be negative"))
+	}
+	if c.KubeletRegistrationPath != "" {
+		if !filepath.IsAbs(c.KubeletRegistrationPath) {
+			errs = append(errs, fmt.Errorf("kubelet registration path %q must be absolute", c.KubeletRegistrationPath))
+		}
+		if !filepath.IsAbs(c.RegistrationDir) {
+			errs = append(errs, fmt.Errorf("registration directory %q must be absolute", c.RegistrationDir))
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,191 @@
+// Package driver implements the boxlite-csi CSI Identity, Controller and
+// Node services. One binary serves all three on each node: provisioning is
+// per node (external-provisioner runs with --node-deployment), because a
+// box only exists on the node whose cache holds its base.
+//
+// The driver keeps no state of its own. Volumes are the box directories
+// under <home>/boxes, each with a box.json recording what CreateVolume
+// decided; mounts are read back from the kernel. A restart therefore loses
+// nothing, and there is no side database to drift from the disk.
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"google.golang.org/grpc"
+	"k8s.io/klog/v2"
+
+	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
+	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
+)
+
+// Builder turns an image into a base disk. Its version is part of the
+// cache key.
+type Builder interface {
+	Version() string
+	// Usable reports whether the builder can run on this node (Probe).
+	Usable() error
+	Build(ctx context.Context, img v1.Image, out *os.File) error
+}
+
+// Driver is the boxlite-csi plugin.
+type Driver struct {
+	csi.UnimplementedIdentityServer
+	csi.UnimplementedControllerServer
+	csi.UnimplementedNodeServer
+
+	cfg     Config
+	home    layout.Home
+	cache   *rootfs.Cache
+	builder Builder
+	mounter *syscallMounter
+	locks   *volumeLocks
+
+	readyMu sync.Mutex
+	ready   bool
+}
+
+// New prepares the home, recovers state from disk and returns a driver
+// ready to Run.
+func New(ctx context.Context, cfg Config, builder Builder) (*Driver, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, fmt.Errorf("driver config: %w", err)
+	}
+	home := layout.NewHome(cfg.Home, layout.Config{BindMountSupported: true})
+	cache, err := rootfs.NewCache(ctx, rootfs.CacheConfig{
+		Home:          home,
+		BuildTimeout:  cfg.BuildTimeout,
+		HighWatermark: cfg.CacheHighWatermark,
+		LowWatermark:  cfg.CacheLowWatermark,
+		MaxBytes:      cfg.CacheMaxBytes,
+		Grace:         cfg.CacheGrace,
+	})
+	if err != nil {
+		return nil, err
+	}
+	d := &Driver{
+		cfg:     cfg,
+		home:    home,
+		cache:   cache,
+		builder: builder,
+		mounter: newMounter(),
+		locks:   newVolumeLocks(),
+	}
+	if err := d.recover(ctx); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// Run serves the CSI endpoint (and the kubelet registration socket, if
+// configured) until ctx ends, then stops gracefully.
+func (d *Driver) Run(ctx context.Context) error {
+	log := klog.FromContext(ctx)
+	l, err := listen(d.cfg.Endpoint)
+	if err != nil {
+		return err
+	}
+	srv := grpc.NewServer(grpc.UnaryInterceptor(d.interceptor))
+	csi.RegisterIdentityServer(srv, d)
+	csi.RegisterControllerServer(srv, d)
+	csi.RegisterNodeServer(srv, d)
+
+	errc := make(chan error, 2)
+	go func() { errc <- srv.Serve(l) }()
+	var reg *grpc.Server
+	if d.cfg.KubeletRegistrationPath != "" {
+		if reg, err = d.serveRegistration(ctx, errc); err != nil {
+			srv.Stop()
+			return err
+		}
+	}
+	if d.cfg.EvictionInterval > 0 {
+		go d.cache.RunEviction(ctx, d.cfg.EvictionInterval)
+	}
+	d.setReady(true)
+	log.Info("Serving CSI", "endpoint", d.cfg.Endpoint, "driver", d.cfg.DriverName, "node", d.cfg.NodeID, "version", d.cfg.Version)
+
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	d.setReady(false)
+	log.Info("Stopping CSI server")
+	stopGracefully(srv, 10*time.Second)
+	if reg != nil {
+		stopGracefully(reg, time.Second)
+	}
+	if err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+		return fmt.Errorf("serve %s: %w", d.cfg.Endpoint, err)
+	}
+	return nil
+}
+
+// stopGracefully lets in-flight calls finish, but not forever: a call
+// waiting on a long build must not hold up a SIGTERM.
+func stopGracefully(s *grpc.Server, timeout time.Duration) {
+	done := make(chan struct{})
+	go func() { s.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(timeout):
+		s.Stop()
+	}
+}
+
+func (d *Driver) setReady(v bool) {
+	d.readyMu.Lock()
+	d.ready = v
+	d.readyMu.Unlock()
+}
+
+func (d *Driver) isServing() bool {
+	d.readyMu.Lock()
+	defer d.readyMu.Unlock()
+	return d.ready
+}
+
+// recover cleans up after a crash, from what is on disk: half-created or
+// half-deleted boxes (dot-entries under boxes/) and temp files inside boxes.
+// Mounts need no recovery: kubelet re-calls Stage and Publish, which work
+// from whatever the kernel reports.
+func (d *Driver) recover(ctx context.Context) error {
+	log := klog.FromContext(ctx)
+	dir := d.home.BoxesDir()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("recover: list %s: %w", dir, err)
+	}
+	for _, e := range ents {
+		p := filepath.Join(dir, e.Name())
+		if strings.HasPrefix(e.Name(), ".") {
+			if err := os.RemoveAll(p); err != nil {
+				return fmt.Errorf("recover: remove half-finished box %s: %w", p, err)
+			}
+			log.Info("Removed half-finished box", "path", p)
+			continue
+		}
+		box, err := d.home.Box(e.Name())
+		if err != nil {
+			continue
+		}
+		for _, sub := range []string{box.Root(), box.DisksDir()} {
+			tmps, _ := filepath.Glob(filepath.Join(sub, ".*.tmp*"))
+			for _, t := range tmps {
+				if err := os.Remove(t); err == nil {
+					log.Info("Removed stale temp file", "path", t)
+				}
+			}
+		}
+	}
+	return nil
+}

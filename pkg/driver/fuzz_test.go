@@ -1,0 +1,50 @@
+package driver
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/source"
+)
+
+// FuzzParseParams feeds StorageClass parameters / inline attributes (user
+// input) to the parser: it must never panic, must refuse with an
+// InvalidArgument-class error, and must only accept a parseable image.
+func FuzzParseParams(f *testing.F) {
+	f.Add("image", "127.0.0.1:5000/busybox:1", "plainHTTP", "true")
+	f.Add("image", "oci:/var/lib/images/x@sha256:"+strings.Repeat("a", 64), "pullPolicy", "Never")
+	f.Add("image", "busybox", "pullPolicy", "Never")
+	f.Add("imgae", "x", "csi.storage.k8s.io/pod.name", "p")
+	f.Add("image", "", "insecureSkipTLSVerify", "maybe")
+	f.Fuzz(func(t *testing.T, k1, v1, k2, v2 string) {
+		p, err := parseParams(map[string]string{k1: v1, k2: v2})
+		if err != nil {
+			if !errors.Is(err, errInvalidParam) && !source.IsInvalidArgument(err) {
+				t.Fatalf("refusal %v is not an InvalidArgument-class error", err)
+			}
+			return
+		}
+		if p.Image == "" {
+			t.Fatal("accepted parameters without an image")
+		}
+		if _, err := source.Parse(p.Image); err != nil {
+			t.Fatalf("accepted unparseable image %q: %v", p.Image, err)
+		}
+		if p.PullPolicy != PullIfNotPresent && p.PullPolicy != PullNever {
+			t.Fatalf("accepted pull policy %q", p.PullPolicy)
+		}
+	})
+}
+
+func TestVolumeIDForName(t *testing.T) {
+	for _, name := range []string{"pvc-1", strings.Repeat("x", maxNameLen), "../../etc", "a/b\x00c", "sanity-Node Service-1"} {
+		id := volumeIDForName(name)
+		if len(id) != 43 || !strings.HasPrefix(id, "bx-") || id != volumeIDForName(name) {
+			t.Errorf("%q -> %q", name, id)
+		}
+	}
+	if volumeIDForName("a") == volumeIDForName("b") {
+		t.Error("distinct names share an ID")
+	}
+}

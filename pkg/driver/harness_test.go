@@ -1,0 +1,119 @@
+package driver
+
+import (
+	"context"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	mount "k8s.io/mount-utils"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/testimage"
+	"github.com/boxlite-csi/boxlite-csi/internal/testregistry"
+	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
+)
+
+// needRoot skips tests that make real bind mounts.
+func needRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the driver makes real bind mounts (CI runs as root)")
+	}
+}
+
+// plugin is a driver serving on a unix socket in a temp directory.
+type plugin struct {
+	dir    string
+	sock   string
+	home   string
+	d      *Driver
+	conn   *grpc.ClientConn
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func (p *plugin) controller() csi.ControllerClient { return csi.NewControllerClient(p.conn) }
+func (p *plugin) node() csi.NodeClient             { return csi.NewNodeClient(p.conn) }
+func (p *plugin) identity() csi.IdentityClient     { return csi.NewIdentityClient(p.conn) }
+
+func testConfig(dir string) Config {
+	return Config{
+		DriverName: "csi.boxlite.dev",
+		Version:    "test",
+		NodeID:     "node-1",
+		Endpoint:   "unix://" + filepath.Join(dir, "csi.sock"),
+		Home:       filepath.Join(dir, "home"),
+	}
+}
+
+// startPlugin runs a driver until the test ends (or stop is called) and
+// checks, at the end, that nothing it mounted is left mounted.
+func startPlugin(t *testing.T, dir string, cfg Config) *plugin {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	d, err := New(ctx, cfg, &rootfs.Ext4Builder{})
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	p := &plugin{dir: dir, sock: strings.TrimPrefix(cfg.Endpoint, "unix://"), home: cfg.Home, d: d, cancel: cancel, done: make(chan error, 1)}
+	go func() { p.done <- d.Run(ctx) }()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if c, err := net.Dial("unix", p.sock); err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("plugin never listened on %s", p.sock)
+		}
+	}
+	p.conn, err = grpc.NewClient("unix://"+p.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.stop)
+	return p
+}
+
+// stop shuts the plugin down as SIGTERM would; it is safe to call twice.
+func (p *plugin) stop() {
+	if p.cancel == nil {
+		return
+	}
+	p.conn.Close()
+	p.cancel()
+	<-p.done
+	p.cancel = nil
+}
+
+// assertNoMounts fails if anything under dir is still mounted, and cleans
+// it up so one failing test does not poison the next.
+func assertNoMounts(t *testing.T, dir string) {
+	t.Helper()
+	infos, err := mount.ParseMountInfo("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mi := range infos {
+		if within(mi.MountPoint, dir) {
+			t.Errorf("leaked mount %s", mi.MountPoint)
+			_ = syscallUnmount(mi.MountPoint)
+		}
+	}
+}
+
+// testImage serves Debian's busybox-static as an image from an in-process
+// registry and returns the StorageClass parameters that name it.
+func testImage(t *testing.T) (params map[string]string, reg *testregistry.Registry) {
+	t.Helper()
+	reg = testregistry.NewInProcess(t)
+	ref := reg.Ref("busybox:1")
+	reg.Push(t, "busybox:1", testimage.Busybox(t))
+	return map[string]string{ParamImage: ref, ParamPlainHTTP: "true"}, reg
+}
