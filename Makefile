@@ -21,6 +21,7 @@ test: lint unit fuzz
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) mod tidy -diff
 
 unit:
 	$(GO) test -race -count=1 ./...
