@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"io/fs"
 	"math/rand/v2"
 	"os"
@@ -184,30 +183,4 @@ func BenchmarkMkfsExtract(b *testing.B) {
 			}
 		})
 	}
-}
-
-// TestPeakRSS builds a ~500 MB image from a generated stream, for measuring
-// memory with /usr/bin/time -v. It only runs when EXT4_RSS_TEST=1.
-func TestPeakRSS(t *testing.T) {
-	if os.Getenv("EXT4_RSS_TEST") != "1" {
-		t.Skip("set EXT4_RSS_TEST=1 to run")
-	}
-	pool := make([]byte, 16<<20+4099)
-	rand.NewChaCha8([32]byte{7}).Read(pool)
-	var layer []tentry
-	for i := range 5000 {
-		size := int64(4<<10 + i%64*2<<10)
-		if i%100 == 0 {
-			size = 4 << 20
-		}
-		off := int64(i) * 4099 % (int64(len(pool)) - size)
-		gen := func() io.Reader { return bytes.NewReader(pool[off : off+size]) }
-		layer = append(layer, genFileE(fmt.Sprintf("usr/lib/d%03d/f%05d", i%200, i), size, gen))
-	}
-	start := time.Now()
-	img, st := mustBuild(t, Options{Headroom: 256 << 20}, layer)
-	elapsed := time.Since(start)
-	t.Logf("%d MB in %d files: %v, %.0f MB/s; image %d MB", st.DataBytes>>20, st.Files, elapsed.Round(time.Millisecond),
-		float64(st.DataBytes)/1e6/elapsed.Seconds(), st.ImageBytes>>20)
-	fsck(t, img)
 }
