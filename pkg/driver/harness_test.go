@@ -54,7 +54,7 @@ func testConfig(dir string) Config {
 
 // startPlugin runs a driver until the test ends (or stop is called) and
 // checks, at the end, that nothing it mounted is left mounted.
-func startPlugin(t *testing.T, dir string, cfg Config) *plugin {
+func startPlugin(t testing.TB, dir string, cfg Config) *plugin {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	d, err := New(ctx, cfg, &rootfs.Ext4Builder{})
@@ -110,7 +110,7 @@ func assertNoMounts(t *testing.T, dir string) {
 
 // testImage serves Debian's busybox-static as an image from an in-process
 // registry and returns the StorageClass parameters that name it.
-func testImage(t *testing.T) (params map[string]string, reg *testregistry.Registry) {
+func testImage(t testing.TB) (params map[string]string, reg *testregistry.Registry) {
 	t.Helper()
 	reg = testregistry.NewInProcess(t)
 	ref := reg.Ref("busybox:1")

@@ -15,6 +15,8 @@ import (
 	"strings"
 	"syscall"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/source"
 )
@@ -176,8 +178,13 @@ func readManifest(box layout.Box) (*boxManifest, error) {
 	return &m, nil
 }
 
-// writeManifest replaces box.json atomically: a crash leaves the old or
-// the new file, never half of one.
+// writeManifest replaces dir/box.json atomically: after a crash it is the
+// old or the new version, never a mix, because the data is written out
+// with sync_file_range before the rename and no journal commit can publish
+// the name over unwritten data. It is not made durable here: NodeStage
+// re-derives what it rewrites (virtual size, backing), and createBox makes
+// a new box durable with one fsync of boxes/, whose commit carries the
+// manifest, its directory and the rename together.
 func writeManifest(dir string, m *boxManifest) error {
 	b, err := json.MarshalIndent(m, "", "  ")
 	if err != nil {
@@ -189,25 +196,24 @@ func writeManifest(dir string, m *boxManifest) error {
 		return fmt.Errorf("write box manifest in %s: %w", dir, err)
 	}
 	defer os.Remove(f.Name())
-	if _, err := f.Write(b); err != nil {
-		f.Close()
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Chmod(0o644)
+	}
+	if err == nil {
+		err = unix.SyncFileRange(int(f.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
 		return fmt.Errorf("write %s: %w", f.Name(), err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("fsync %s: %w", f.Name(), err)
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Chmod(f.Name(), 0o644); err != nil {
-		return err
 	}
 	final := filepath.Join(dir, manifestName)
 	if err := os.Rename(f.Name(), final); err != nil {
 		return fmt.Errorf("install %s: %w", final, err)
 	}
-	return syncDir(dir)
+	return nil
 }
 
 func syncDir(dir string) error {

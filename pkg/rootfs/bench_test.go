@@ -29,9 +29,10 @@ const (
 	benchBytes  = 128 << 20
 )
 
-// benchMemLimit is the soft memory limit the Helm chart gives the plugin
-// (GOMEMLIMIT): without it the Go heap may grow to twice its live size
-// between collections, which is most of the difference in peak RSS.
+// benchMemLimit is a soft memory limit (GOMEMLIMIT) for the builder
+// child, as a deployment sets one from the container's memory limit:
+// without it the Go heap may grow to twice its live size between
+// collections, which is most of the difference in peak RSS.
 const benchMemLimit = "48MiB"
 
 // BenchmarkColdBuild compares, in one run, a cold base build through our
