@@ -3,12 +3,9 @@ package testimage
 import (
 	"archive/tar"
 	"bytes"
-	"crypto/sha256"
-	"encoding/hex"
 	"io"
 	"reflect"
 	"runtime"
-	"strings"
 	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -16,101 +13,18 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
-// flatten reads go-containerregistry's own flattening of img (an
-// independent implementation of whiteouts and opaque directories) into a
-// Tree.
-func flatten(t *testing.T, r io.Reader) Tree {
-	t.Helper()
-	tree := Tree{}
-	tr := tar.NewReader(r)
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		p := "/" + strings.TrimSuffix(strings.TrimPrefix(h.Name, "./"), "/")
-		e := Entry{Mode: uint32(h.Mode), UID: h.Uid, GID: h.Gid, ModTime: h.ModTime, Nlink: 1}
-		switch h.Typeflag {
-		case tar.TypeDir:
-			e.Type, e.Nlink = TypeDir, 0
-		case tar.TypeReg:
-			b, err := io.ReadAll(tr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			sum := sha256.Sum256(b)
-			e.Type, e.Size, e.SHA256 = TypeFile, int64(len(b)), hex.EncodeToString(sum[:])
-		case tar.TypeSymlink:
-			e.Type, e.Link = TypeSymlink, h.Linkname
-		case tar.TypeChar:
-			e.Type, e.DevMajor, e.DevMinor = TypeChar, h.Devmajor, h.Devminor
-		case tar.TypeFifo:
-			e.Type = TypeFIFO
-		case tar.TypeLink:
-			tp := "/" + h.Linkname
-			target := tree[tp]
-			if target.LinkGroup == "" {
-				target.LinkGroup = tp
-				tree[tp] = target
-			}
-			e = target
-		default:
-			t.Fatalf("unexpected type %c for %s", h.Typeflag, p)
-		}
-		for k, v := range h.PAXRecords {
-			if name, ok := strings.CutPrefix(k, "SCHILY.xattr."); ok {
-				if e.Xattrs == nil {
-					e.Xattrs = map[string][]byte{}
-				}
-				e.Xattrs[name] = []byte(v)
-			}
-		}
-		tree[p] = e
-	}
-	// Link counts.
-	groups := map[string]int{}
-	for _, e := range tree {
-		if e.LinkGroup != "" {
-			groups[e.LinkGroup]++
-		}
-	}
-	for p, e := range tree {
-		if e.LinkGroup != "" {
-			e.Nlink = groups[e.LinkGroup]
-			tree[p] = e
-		}
-	}
-	return tree
-}
-
 func TestRichMatchesItsTree(t *testing.T) {
 	img := Rich(t)
 	checkImage(t, img)
 	rc := mutate.Extract(img)
 	defer rc.Close()
-	got := flatten(t, rc)
-	want := RichTree()
-	for p, w := range want {
-		g, ok := got[p]
-		if !ok {
-			t.Errorf("%s: missing from the flattened image", p)
-			continue
-		}
-		if !w.ModTime.Equal(g.ModTime) {
-			t.Errorf("%s: mtime %v, want %v", p, g.ModTime, w.ModTime)
-		}
-		g.ModTime = w.ModTime
-		if !reflect.DeepEqual(g, w) {
-			t.Errorf("%s:\n got %+v\nwant %+v", p, g, w)
-		}
+	got, err := FromTar(rc)
+	if err != nil {
+		t.Fatal(err)
 	}
-	for p := range got {
-		if _, ok := want[p]; !ok {
-			t.Errorf("%s: in the flattened image but not in RichTree", p)
-		}
+	want := RichTree()
+	for _, d := range Diff(want, got) {
+		t.Error(d)
 	}
 	if want["/hl/link2"].Nlink != 3 || want["/usr/bin/suid"].Mode != 0o4755 || len(want["/usr/lib/long"].Link) <= 60 {
 		t.Errorf("RichTree lost a feature: %+v", want)
@@ -207,7 +121,10 @@ func TestBusybox(t *testing.T) {
 	}
 	rc := mutate.Extract(img)
 	defer rc.Close()
-	tree := flatten(t, rc)
+	tree, err := FromTar(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if e := tree["/bin/busybox"]; e.Type != TypeFile || e.Mode != 0o755 || e.Size < 100000 {
 		t.Errorf("/bin/busybox: %+v", e)
 	}

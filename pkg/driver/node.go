@@ -55,6 +55,16 @@ func (d *Driver) nodeBox(op, id string) (layout.Box, error) {
 	return box, nil
 }
 
+// lockedBox is nodeBox plus the volume's lock, taken last so that bad
+// input is refused without touching it. The caller must call unlock.
+func (d *Driver) lockedBox(op, id string) (box layout.Box, unlock func(), err error) {
+	if box, err = d.nodeBox(op, id); err != nil {
+		return box, nil, err
+	}
+	unlock, err = d.lock(box.ID(), op)
+	return box, unlock, err
+}
+
 func checkCapability(op string, c *csi.VolumeCapability) error {
 	if c == nil {
 		return invalid("%s: volume capability is required", op)
@@ -67,10 +77,6 @@ func checkCapability(op string, c *csi.VolumeCapability) error {
 
 func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
 	const op = "NodeStageVolume"
-	box, err := d.nodeBox(op, req.GetVolumeId())
-	if err != nil {
-		return nil, err
-	}
 	staging := req.GetStagingTargetPath()
 	if err := checkPath("staging target path", staging); err != nil {
 		return nil, err
@@ -78,7 +84,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err := checkCapability(op, req.GetVolumeCapability()); err != nil {
 		return nil, err
 	}
-	unlock, err := d.lock(box.ID(), op)
+	box, unlock, err := d.lockedBox(op, req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -179,15 +185,11 @@ func (d *Driver) ensureBase(ctx context.Context, m *boxManifest, p volumeParams,
 
 func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
 	const op = "NodeUnstageVolume"
-	box, err := d.nodeBox(op, req.GetVolumeId())
-	if err != nil {
-		return nil, err
-	}
 	staging := req.GetStagingTargetPath()
 	if err := checkPath("staging target path", staging); err != nil {
 		return nil, err
 	}
-	unlock, err := d.lock(box.ID(), op)
+	box, unlock, err := d.lockedBox(op, req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -245,10 +247,6 @@ func (d *Driver) unmount(p string, remove bool) error {
 
 func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
 	const op = "NodePublishVolume"
-	box, err := d.nodeBox(op, req.GetVolumeId())
-	if err != nil {
-		return nil, err
-	}
 	target := req.GetTargetPath()
 	if err := checkPath("target path", target); err != nil {
 		return nil, err
@@ -263,7 +261,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 			return nil, err
 		}
 	}
-	unlock, err := d.lock(box.ID(), op)
+	box, unlock, err := d.lockedBox(op, req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -370,15 +368,11 @@ func (d *Driver) stageEphemeral(ctx context.Context, box layout.Box, req *csi.No
 
 func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
 	const op = "NodeUnpublishVolume"
-	box, err := d.nodeBox(op, req.GetVolumeId())
-	if err != nil {
-		return nil, err
-	}
 	target := req.GetTargetPath()
 	if err := checkPath("target path", target); err != nil {
 		return nil, err
 	}
-	unlock, err := d.lock(box.ID(), op)
+	box, unlock, err := d.lockedBox(op, req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}

@@ -1,4 +1,4 @@
-package rootfs
+package testimage
 
 import (
 	"archive/tar"
@@ -12,21 +12,15 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
-	"testing"
 	"time"
 
-	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"golang.org/x/sys/unix"
-
-	"github.com/boxlite-csi/boxlite-csi/internal/testimage"
 )
 
-// dirTree reads a mounted filesystem back as a testimage.Tree, skipping
-// lost+found (ext4's, not the image's).
-func dirTree(t *testing.T, root string) testimage.Tree {
-	t.Helper()
-	tree := testimage.Tree{}
+// FromDir reads a mounted filesystem back as a Tree, as a guest would see
+// it. ext4's own lost+found is skipped.
+func FromDir(root string) (Tree, error) {
+	tree := Tree{}
 	inodes := map[uint64]string{}
 	err := filepath.WalkDir(root, func(p string, _ fs.DirEntry, err error) error {
 		if err != nil {
@@ -43,21 +37,17 @@ func dirTree(t *testing.T, root string) testimage.Tree {
 		if err := unix.Lstat(p, &st); err != nil {
 			return err
 		}
-		e := testimage.Entry{
-			Mode: st.Mode & 0o7777, UID: int(st.Uid), GID: int(st.Gid),
-			ModTime: time.Unix(st.Mtim.Unix()),
-		}
+		e := Entry{Mode: st.Mode & 0o7777, UID: int(st.Uid), GID: int(st.Gid), ModTime: time.Unix(st.Mtim.Unix())}
 		switch st.Mode & unix.S_IFMT {
 		case unix.S_IFDIR:
-			e.Type = testimage.TypeDir
+			e.Type = TypeDir
 		case unix.S_IFREG:
-			e.Type, e.Size, e.Nlink = testimage.TypeFile, st.Size, int(st.Nlink)
-			b, err := os.ReadFile(p)
+			e.Type, e.Size, e.Nlink = TypeFile, st.Size, int(st.Nlink)
+			sum, err := fileSHA256(p)
 			if err != nil {
 				return err
 			}
-			sum := sha256.Sum256(b)
-			e.SHA256 = hex.EncodeToString(sum[:])
+			e.SHA256 = sum
 			if first, ok := inodes[st.Ino]; ok {
 				e.LinkGroup = first
 				if g := tree[first]; g.LinkGroup == "" {
@@ -68,70 +58,78 @@ func dirTree(t *testing.T, root string) testimage.Tree {
 				inodes[st.Ino] = rel
 			}
 		case unix.S_IFLNK:
-			e.Type, e.Nlink = testimage.TypeSymlink, 1
+			e.Type, e.Nlink = TypeSymlink, 1
 			if e.Link, err = os.Readlink(p); err != nil {
 				return err
 			}
 		case unix.S_IFCHR, unix.S_IFBLK:
-			e.Type = testimage.TypeChar
+			e.Type = TypeChar
 			if st.Mode&unix.S_IFMT == unix.S_IFBLK {
-				e.Type = testimage.TypeBlock
+				e.Type = TypeBlock
 			}
 			e.Nlink, e.DevMajor, e.DevMinor = 1, int64(unix.Major(st.Rdev)), int64(unix.Minor(st.Rdev))
 		case unix.S_IFIFO:
-			e.Type, e.Nlink = testimage.TypeFIFO, 1
+			e.Type, e.Nlink = TypeFIFO, 1
 		}
-		e.Xattrs = xattrs(t, p)
+		if e.Xattrs, err = xattrsOf(p); err != nil {
+			return err
+		}
 		tree[rel] = e
 		return nil
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tree
+	return tree, err
 }
 
-func xattrs(t *testing.T, p string) map[string][]byte {
-	t.Helper()
+func fileSHA256(p string) (string, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+func xattrsOf(p string) (map[string][]byte, error) {
 	buf := make([]byte, 64<<10)
 	n, err := unix.Llistxattr(p, buf)
 	if err != nil || n == 0 {
-		return nil
+		return nil, nil
 	}
 	out := map[string][]byte{}
 	for _, name := range strings.Split(strings.TrimRight(string(buf[:n]), "\x00"), "\x00") {
 		v := make([]byte, 64<<10)
 		m, err := unix.Lgetxattr(p, name, v)
 		if err != nil {
-			t.Fatalf("getxattr %s %s: %v", p, name, err)
+			return nil, fmt.Errorf("getxattr %s %s: %w", p, name, err)
 		}
 		out[name] = v[:m]
 	}
-	return out
+	return out, nil
 }
 
-// exportTree flattens img the way `crane export` does (go-containerregistry's
-// mutate.Extract) and reads the result as a Tree. Hard links become a
-// LinkGroup; link counts are the group sizes.
-func exportTree(t *testing.T, img v1.Image) testimage.Tree {
-	t.Helper()
-	rc := mutate.Extract(img)
-	defer rc.Close()
-	tr := tar.NewReader(rc)
-	tree := testimage.Tree{}
+// FromTar reads a flattened image tar (go-containerregistry's
+// mutate.Extract, which is what `crane export` prints) as a Tree. Hard
+// links become a LinkGroup; link counts are the group sizes.
+func FromTar(r io.Reader) (Tree, error) {
+	tr := tar.NewReader(r)
+	tree := Tree{}
 	for {
 		h, err := tr.Next()
 		if err == io.EOF {
 			break
 		}
 		if err != nil {
-			t.Fatal(err)
+			return nil, err
 		}
 		p := path.Clean("/" + h.Name)
 		if p == "/" {
 			continue
 		}
-		e := testimage.Entry{Mode: uint32(h.Mode) & 0o7777, UID: h.Uid, GID: h.Gid, ModTime: h.ModTime, Nlink: 1}
+		e := Entry{Mode: uint32(h.Mode) & 0o7777, UID: h.Uid, GID: h.Gid, ModTime: h.ModTime, Nlink: 1}
 		for k, v := range h.PAXRecords {
 			if name, ok := strings.CutPrefix(k, "SCHILY.xattr."); ok {
 				if e.Xattrs == nil {
@@ -142,35 +140,37 @@ func exportTree(t *testing.T, img v1.Image) testimage.Tree {
 		}
 		switch h.Typeflag {
 		case tar.TypeDir:
-			e.Type, e.Nlink = testimage.TypeDir, 0
+			e.Type, e.Nlink = TypeDir, 0
 		case tar.TypeReg:
-			e.Type, e.Size = testimage.TypeFile, h.Size
 			hs := sha256.New()
-			if _, err := io.Copy(hs, tr); err != nil {
-				t.Fatal(err)
+			n, err := io.Copy(hs, tr)
+			if err != nil {
+				return nil, err
 			}
-			e.SHA256 = hex.EncodeToString(hs.Sum(nil))
+			e.Type, e.Size, e.SHA256 = TypeFile, n, hex.EncodeToString(hs.Sum(nil))
 		case tar.TypeLink:
-			target := tree[path.Clean("/"+h.Linkname)]
-			group := target.LinkGroup
-			if group == "" {
-				group = path.Clean("/" + h.Linkname)
-				target.LinkGroup = group
-				tree[group] = target
+			tp := path.Clean("/" + h.Linkname)
+			target, ok := tree[tp]
+			if !ok {
+				return nil, fmt.Errorf("hard link %s to %s, which is not in the tar before it", p, tp)
+			}
+			if target.LinkGroup == "" {
+				target.LinkGroup = tp
+				tree[tp] = target
 			}
 			e = target
-			e.LinkGroup = group
 		case tar.TypeSymlink:
-			e.Type, e.Link = testimage.TypeSymlink, h.Linkname
-			e.Mode = 0o777 // Linux ignores symlink modes; extraction gives 0777
+			e.Type, e.Link = TypeSymlink, h.Linkname
 		case tar.TypeChar, tar.TypeBlock:
-			e.Type = testimage.TypeChar
+			e.Type = TypeChar
 			if h.Typeflag == tar.TypeBlock {
-				e.Type = testimage.TypeBlock
+				e.Type = TypeBlock
 			}
 			e.DevMajor, e.DevMinor = h.Devmajor, h.Devminor
 		case tar.TypeFifo:
-			e.Type = testimage.TypeFIFO
+			e.Type = TypeFIFO
+		default:
+			return nil, fmt.Errorf("%s: unexpected tar type %q", p, h.Typeflag)
 		}
 		tree[p] = e
 	}
@@ -186,13 +186,14 @@ func exportTree(t *testing.T, img v1.Image) testimage.Tree {
 			tree[p] = e
 		}
 	}
-	return tree
+	return tree, nil
 }
 
-// diffTrees lists every difference between want and got. Directory mtimes
-// are only compared where want has one (implicit parents have none), and a
-// directory's link count is not compared.
-func diffTrees(want, got testimage.Tree) []string {
+// Diff lists every difference between want and got, sorted. A directory's
+// link count is not compared, nor a directory mtime want does not set
+// (implicit parents), nor a symlink's mode (Linux ignores it) or mtime.
+// POSIX ACL xattrs are compared by name only: the kernel re-encodes them.
+func Diff(want, got Tree) []string {
 	var diffs []string
 	for p, w := range want {
 		g, ok := got[p]
@@ -206,18 +207,20 @@ func diffTrees(want, got testimage.Tree) []string {
 			}
 		}
 		check("type", w.Type, g.Type)
-		check("mode", fmt.Sprintf("%o", w.Mode), fmt.Sprintf("%o", g.Mode))
+		if w.Type != TypeSymlink {
+			check("mode", fmt.Sprintf("%o", w.Mode), fmt.Sprintf("%o", g.Mode))
+		}
 		check("owner", fmt.Sprint(w.UID, ":", w.GID), fmt.Sprint(g.UID, ":", g.GID))
 		check("link target", w.Link, g.Link)
 		check("sha256", w.SHA256, g.SHA256)
 		check("size", w.Size, g.Size)
 		check("device", fmt.Sprint(w.DevMajor, ",", w.DevMinor), fmt.Sprint(g.DevMajor, ",", g.DevMinor))
 		check("xattrs", xattrString(w.Xattrs), xattrString(g.Xattrs))
-		if w.Type != testimage.TypeDir {
+		if w.Type != TypeDir {
 			check("nlink", w.Nlink, g.Nlink)
 			check("hard-link group", w.LinkGroup != "", g.LinkGroup != "")
 		}
-		if w.Type != testimage.TypeSymlink && !w.ModTime.IsZero() {
+		if w.Type != TypeSymlink && !w.ModTime.IsZero() {
 			check("mtime", w.ModTime.UTC().Format(time.RFC3339Nano), g.ModTime.UTC().Format(time.RFC3339Nano))
 		}
 	}
@@ -233,8 +236,6 @@ func diffTrees(want, got testimage.Tree) []string {
 func xattrString(m map[string][]byte) string {
 	var parts []string
 	for k, v := range m {
-		// POSIX ACLs are stored in ext4's own encoding and come back
-		// through the kernel re-encoded; compare names only.
 		if strings.HasPrefix(k, "system.posix_acl") {
 			v = nil
 		}
