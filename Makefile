@@ -4,8 +4,9 @@ GO        ?= go
 FUZZTIME  ?= 30s
 BENCHSTAT ?= $(GO) run golang.org/x/perf/cmd/benchstat@v0.0.0-20260908200009-22c9c6c9d4da
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+IMAGE     ?= ghcr.io/boxlite-csi/boxlite-csi:$(VERSION)
 
-.PHONY: build run test lint unit fuzz bench
+.PHONY: build run test lint unit fuzz bench image manifests
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o bin/boxlite-csi ./cmd/boxlite-csi
@@ -21,12 +22,28 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) mod tidy -diff
+	cd hack/k8s-schemas && $(GO) vet ./... && $(GO) mod tidy -diff
 
 unit:
 	$(GO) test -race -count=1 ./...
+	cd hack/k8s-schemas && $(GO) test -race -count=1 ./...
 
 fuzz:
 	./hack/fuzz.sh $(FUZZTIME)
+
+# The plugin image as an OCI archive, without a container engine (hack/image;
+# the Dockerfile builds the same image with one). On a node:
+#   ctr -n k8s.io images import bin/boxlite-csi-image.tar
+image:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o bin/boxlite-csi-static ./cmd/boxlite-csi
+	$(GO) run ./hack/image -binary bin/boxlite-csi-static -image $(IMAGE) -version $(VERSION) -out bin/boxlite-csi-image.tar
+
+# The offline chart and manifest checks alone (`make unit` runs them too):
+# helm lint/template, the values schema, kubeconform against schemas
+# generated from k8s.io/kubernetes's OpenAPI document. Needs helm and
+# kubeconform on PATH.
+manifests:
+	$(GO) test -count=1 ./test/manifests/
 
 # The README's benchmark commands, in order; about 5 minutes as root.
 bench:
