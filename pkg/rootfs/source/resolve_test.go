@@ -317,7 +317,6 @@ func TestResolveErrors(t *testing.T) {
 
 	t.Run("manifest too large", func(t *testing.T) {
 		big := int64(5 << 20)
-		var served int64
 		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if !strings.Contains(r.URL.Path, "/manifests/") {
 				w.WriteHeader(http.StatusOK)
@@ -329,9 +328,7 @@ func TestResolveErrors(t *testing.T) {
 			}
 			chunk := make([]byte, 64<<10)
 			for i := int64(0); i < big; i += int64(len(chunk)) {
-				n, err := w.Write(chunk)
-				served += int64(n)
-				if err != nil {
+				if _, err := w.Write(chunk); err != nil {
 					return
 				}
 				w.(http.Flusher).Flush()
