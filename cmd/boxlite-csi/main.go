@@ -18,7 +18,9 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/boxlite-csi/boxlite-csi/pkg/driver"
+	"github.com/boxlite-csi/boxlite-csi/pkg/metrics"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
+	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/ext4"
 )
 
 // version is stamped at build time with -ldflags "-X main.version=...".
@@ -41,6 +43,9 @@ type options struct {
 	reserve       byteSize
 	maxVolume     byteSize
 	cacheMax      byteSize
+	imageMaxBytes byteSize
+	imageMaxFile  byteSize
+	imageMaxFiles int64
 	showVersion   bool
 }
 
@@ -72,6 +77,13 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.Var(&o.headroom, "base-headroom", "free space in every base disk on top of the image content, for the guest's writes")
 	fs.Float64Var(&o.headroomRatio, "base-headroom-ratio", rootfs.DefaultHeadroomRatio, "more free space in every base disk, as a fraction of the image content (upstream: 0.1)")
 	fs.Var(&o.minBaseSize, "base-min-size", "smallest base disk size")
+	o.imageMaxBytes = ext4.DefaultMaxTotalBytes
+	o.imageMaxFile = ext4.DefaultMaxFileSize
+	fs.Var(&o.imageMaxBytes, "image-max-bytes", "largest total of uncompressed file data over all of an image's layers (bounds decompression bombs and sparse-file claims)")
+	fs.Var(&o.imageMaxFile, "image-max-file-size", "largest single file an image may contain")
+	fs.Int64Var(&o.imageMaxFiles, "image-max-files", ext4.DefaultMaxFiles, "most tar entries an image may contain over all its layers")
+	fs.StringVar(&c.MetricsAddress, "metrics-address", "",
+		"serve Prometheus metrics at http://<address>/metrics, e.g. 127.0.0.1:9859 or :9859; empty (the default) serves none")
 	fs.BoolVar(&o.showVersion, "version", false, "print the version and exit")
 	klog.InitFlags(fs)
 	fs.Usage = func() {
@@ -114,10 +126,19 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	o.cfg.CapacityReserve = int64(o.reserve)
 	o.cfg.MaxVolumeSize = int64(o.maxVolume)
 	o.cfg.CacheMaxBytes = int64(o.cacheMax)
-	builder := &rootfs.Ext4Builder{}
+	m := metrics.New()
+	o.cfg.Metrics = m
+	builder := &rootfs.Ext4Builder{Observer: m}
 	builder.Options.Headroom = int64(o.headroom)
 	builder.Options.HeadroomRatio = o.headroomRatio
 	builder.Options.MinSize = int64(o.minBaseSize)
+	builder.Options.MaxTotalBytes = int64(o.imageMaxBytes)
+	builder.Options.MaxFileSize = int64(o.imageMaxFile)
+	builder.Options.MaxFiles = o.imageMaxFiles
+	if o.imageMaxBytes <= 0 || o.imageMaxFile <= 0 || o.imageMaxFiles <= 0 {
+		fmt.Fprintln(stderr, "boxlite-csi: --image-max-bytes, --image-max-file-size and --image-max-files must be positive")
+		return 2
+	}
 
 	d, err := driver.New(ctx, o.cfg, builder)
 	if err != nil {

@@ -42,17 +42,26 @@ func TestRunFlags(t *testing.T) {
 		{name: "help", args: []string{"--help"}, stderr: []string{
 			"Usage: boxlite-csi", "-endpoint", "unix:///csi/csi.sock", "-node-id", "-home", "/var/lib/boxlite-csi",
 			"-driver-name", "csi.boxlite.dev", "-max-volumes-per-node", "-kubelet-registration-path", "-cache-high-watermark", "-v value",
+			"-metrics-address", "-image-max-bytes", "-image-max-file-size", "-image-max-files",
 		}},
 		{name: "unknown flag", args: []string{"--nope"}, code: 2, stderr: []string{"flag provided but not defined: -nope"}},
 		{name: "stray argument", args: []string{"serve"}, code: 2, stderr: []string{`unexpected arguments ["serve"]`}},
 		{name: "bad size", args: []string{"--capacity-reserve", "12XB"}, code: 2, stderr: []string{`size "12XB"`}},
 		{name: "unusable home", args: []string{"--home", "/dev/null/home", "--endpoint", "unix:///tmp/x.sock"}, code: 1, stderr: []string{"/dev/null/home"}},
+		{name: "no image file limit", args: []string{"--image-max-files", "0"}, code: 2, stderr: []string{"--image-max-files must be positive"}},
+		{name: "bad metrics address", args: []string{"--home", "{tmp}/home", "--endpoint", "unix://{tmp}/csi.sock", "--metrics-address", "127.0.0.1:99999"},
+			code: 1, stderr: []string{"metrics: listen on 127.0.0.1:99999"}},
 		{name: "relative home", args: []string{"--home", "rel"}, code: 1, stderr: []string{`home "rel" must be an absolute path`}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			var stdout, stderr syncBuffer
-			if code := run(context.Background(), tc.args, &stdout, &stderr); code != tc.code {
+			tmp := t.TempDir()
+			args := make([]string, len(tc.args))
+			for i, a := range tc.args {
+				args[i] = strings.ReplaceAll(a, "{tmp}", tmp)
+			}
+			if code := run(context.Background(), args, &stdout, &stderr); code != tc.code {
 				t.Fatalf("exit %d, want %d; stderr:\n%s", code, tc.code, stderr.String())
 			}
 			for _, w := range tc.stdout {

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"path/filepath"
 	"time"
+
+	"github.com/boxlite-csi/boxlite-csi/pkg/metrics"
 )
 
 // Config is everything the driver is told at start-up.
@@ -43,6 +45,13 @@ type Config struct {
 	EvictionInterval   time.Duration
 	// BuildTimeout bounds one base build.
 	BuildTimeout time.Duration
+
+	// MetricsAddress, when set, serves Prometheus metrics at
+	// http://<MetricsAddress>/metrics.
+	MetricsAddress string
+	// Metrics receives the driver's metrics; nil makes a fresh set. The
+	// caller passes its own to wire in the builder's pull metrics too.
+	Metrics *metrics.Metrics
 }
 
 // TopologyKey is the node topology segment this driver reports.

@@ -13,6 +13,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -25,6 +26,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
+	"github.com/boxlite-csi/boxlite-csi/pkg/metrics"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
 )
 
@@ -50,8 +52,9 @@ type Driver struct {
 	mounter *syscallMounter
 	locks   *volumeLocks
 
-	readyMu sync.Mutex
-	ready   bool
+	readyMu     sync.Mutex
+	ready       bool
+	metricsAddr net.Addr
 }
 
 // New prepares the home, recovers state from disk and returns a driver
@@ -61,7 +64,11 @@ func New(ctx context.Context, cfg Config, builder Builder) (*Driver, error) {
 		return nil, fmt.Errorf("driver config: %w", err)
 	}
 	home := layout.NewHome(cfg.Home, layout.Config{BindMountSupported: true})
+	if cfg.Metrics == nil {
+		cfg.Metrics = metrics.New()
+	}
 	cache, err := rootfs.NewCache(ctx, rootfs.CacheConfig{
+		Observer:      cfg.Metrics,
 		Home:          home,
 		BuildTimeout:  cfg.BuildTimeout,
 		HighWatermark: cfg.CacheHighWatermark,
@@ -83,6 +90,9 @@ func New(ctx context.Context, cfg Config, builder Builder) (*Driver, error) {
 	if err := d.recover(ctx); err != nil {
 		return nil, err
 	}
+	if err := cfg.Metrics.Register(newStateCollector(d)); err != nil {
+		return nil, fmt.Errorf("driver: register state metrics: %w", err)
+	}
 	return d, nil
 }
 
@@ -99,8 +109,21 @@ func (d *Driver) Run(ctx context.Context) error {
 	csi.RegisterControllerServer(srv, d)
 	csi.RegisterNodeServer(srv, d)
 
-	errc := make(chan error, 2)
+	errc := make(chan error, 3)
 	go func() { errc <- srv.Serve(l) }()
+	if d.cfg.MetricsAddress != "" {
+		addr, done, err := d.cfg.Metrics.Serve(ctx, d.cfg.MetricsAddress)
+		if err != nil {
+			srv.Stop()
+			return err
+		}
+		d.setMetricsAddr(addr)
+		go func() {
+			if err := <-done; err != nil {
+				errc <- err
+			}
+		}()
+	}
 	var reg *grpc.Server
 	if d.cfg.KubeletRegistrationPath != "" {
 		if reg, err = d.serveRegistration(ctx, errc); err != nil {
@@ -140,6 +163,23 @@ func stopGracefully(s *grpc.Server, timeout time.Duration) {
 	case <-time.After(timeout):
 		s.Stop()
 	}
+}
+
+// Metrics is the driver's metric set.
+func (d *Driver) Metrics() *metrics.Metrics { return d.cfg.Metrics }
+
+// MetricsAddr is where metrics are served, nil before Run starts serving
+// them or when they are off.
+func (d *Driver) MetricsAddr() net.Addr {
+	d.readyMu.Lock()
+	defer d.readyMu.Unlock()
+	return d.metricsAddr
+}
+
+func (d *Driver) setMetricsAddr(a net.Addr) {
+	d.readyMu.Lock()
+	defer d.readyMu.Unlock()
+	d.metricsAddr = a
 }
 
 func (d *Driver) setReady(v bool) {

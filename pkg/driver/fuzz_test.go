@@ -2,9 +2,11 @@ package driver
 
 import (
 	"errors"
+	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/source"
 )
 
@@ -47,4 +49,35 @@ func TestVolumeIDForName(t *testing.T) {
 	if volumeIDForName("a") == volumeIDForName("b") {
 		t.Error("distinct names share an ID")
 	}
+}
+
+// FuzzVolumeIDForName: CreateVolume names come from the CO and may hold
+// anything. Whatever the name, its ID must be a valid volume ID whose box
+// stays directly under boxes/, the same every time, and different for a
+// different name.
+func FuzzVolumeIDForName(f *testing.F) {
+	f.Add("pvc-1", "pvc-2")
+	f.Add("../../etc/passwd", "..")
+	f.Add("a/b\x00c", strings.Repeat("x", 4096))
+	f.Add("", ".")
+	home := layout.NewHome("/var/lib/boxlite-csi", layout.Config{})
+	f.Fuzz(func(t *testing.T, a, b string) {
+		id := volumeIDForName(a)
+		if id != volumeIDForName(a) {
+			t.Fatalf("name %q maps to two IDs", a)
+		}
+		if err := layout.ValidateVolumeID(id); err != nil {
+			t.Fatalf("name %q -> invalid ID %q: %v", a, id, err)
+		}
+		box, err := home.Box(id)
+		if err != nil {
+			t.Fatalf("name %q -> ID %q has no box: %v", a, id, err)
+		}
+		if filepath.Dir(box.Root()) != home.BoxesDir() {
+			t.Fatalf("name %q -> box %s outside %s", a, box.Root(), home.BoxesDir())
+		}
+		if a != b && id == volumeIDForName(b) {
+			t.Fatalf("names %q and %q share ID %s", a, b, id)
+		}
+	})
 }

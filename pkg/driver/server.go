@@ -95,5 +95,6 @@ func (d *Driver) interceptor(ctx context.Context, req any, info *grpc.UnaryServe
 	} else {
 		log.V(5).Info("GRPC response", "response", protosanitizer.StripSecrets(resp), "duration", time.Since(start))
 	}
+	d.cfg.Metrics.ObserveRPC(info.FullMethod, status.Code(err).String(), time.Since(start))
 	return resp, err
 }

@@ -39,6 +39,15 @@ type CacheConfig struct {
 	MaxBytes int64
 	// Grace protects bases installed or used this recently. Default 5 min.
 	Grace time.Duration
+	// Observer, if set, hears about every build and eviction.
+	Observer CacheObserver
+}
+
+// CacheObserver hears about builds (how long, and whether they installed a
+// base) and evictions (the space each one released).
+type CacheObserver interface {
+	ObserveBuild(d time.Duration, err error)
+	ObserveEviction(bytes int64)
 }
 
 func (c *CacheConfig) setDefaults() error {
@@ -207,6 +216,19 @@ func (c *Cache) buildOnce(ctx context.Context, k Key, build BuildFunc) (Base, er
 	}
 
 	start := time.Now()
+	b, err := c.install(ctx, k, build)
+	if c.cfg.Observer != nil {
+		c.cfg.Observer.ObserveBuild(time.Since(start), err)
+	}
+	if err == nil {
+		log.Info("Installed base disk", "path", b.Path, "bytes", b.Size, "duration", time.Since(start))
+	}
+	return b, err
+}
+
+// install builds k's base into a temp file and moves it into place.
+func (c *Cache) install(ctx context.Context, k Key, build BuildFunc) (Base, error) {
+	log := klog.FromContext(ctx).WithValues("key", k)
 	final := c.Path(k)
 	tmp, err := os.CreateTemp(c.cfg.Home.TempDir(), k.FileName()+".*.tmp")
 	if err != nil {
@@ -250,7 +272,6 @@ func (c *Cache) buildOnce(ctx context.Context, k Key, build BuildFunc) (Base, er
 	if err != nil {
 		return Base{}, err
 	}
-	log.Info("Installed base disk", "path", final, "bytes", b.Size, "duration", time.Since(start))
 	return b, nil
 }
 

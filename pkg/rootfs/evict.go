@@ -193,6 +193,9 @@ func (c *Cache) Evict(ctx context.Context) (EvictStats, error) {
 		}
 		st.Evicted = append(st.Evicted, b.key)
 		st.FreedBytes += freed
+		if c.cfg.Observer != nil {
+			c.cfg.Observer.ObserveEviction(freed)
+		}
 		cacheBytes -= freed
 		if used, err = usedFraction(dir); err != nil {
 			return st, err
@@ -248,6 +251,33 @@ func (c *Cache) RunEviction(ctx context.Context, interval time.Duration) {
 			}
 		}
 	}
+}
+
+// Usage is what the cache holds right now, read from disk.
+type Usage struct {
+	// Bases is how many base disks are installed; InUse how many of them
+	// a box links.
+	Bases, InUse int
+	// Bytes is the disk space the bases occupy.
+	Bytes int64
+	// UsedFraction is how full the cache filesystem is.
+	UsedFraction float64
+}
+
+// Usage reads the cache directory. A base counts as in use when it has
+// more than one link: every box holds a hard link to its base.
+func (c *Cache) Usage() (Usage, error) {
+	bases, bytes, used, err := c.usage()
+	if err != nil {
+		return Usage{}, err
+	}
+	u := Usage{Bases: len(bases), Bytes: bytes, UsedFraction: used}
+	for _, b := range bases {
+		if b.nlink > 1 {
+			u.InUse++
+		}
+	}
+	return u, nil
 }
 
 // Fill reports how full the cache filesystem is, and the high watermark it

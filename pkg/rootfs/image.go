@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
@@ -39,6 +40,15 @@ type Ext4Builder struct {
 	// Options are passed to the ext4 writer; zero Headroom, HeadroomRatio
 	// and MinSize take upstream's formula.
 	Options ext4.Options
+	// Observer, if set, is told what each build fetched.
+	Observer PullObserver
+}
+
+// PullObserver hears about the layer fetches of each build: the compressed
+// bytes received and the time from the first request to the last layer
+// verified. Fetching overlaps building, so this is not build time.
+type PullObserver interface {
+	ObservePull(bytes int64, d time.Duration, err error)
 }
 
 // Version is the cache-key component for this builder.
@@ -68,6 +78,14 @@ func (b *Ext4Builder) Build(ctx context.Context, img v1.Image, out *os.File) err
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel() // stops any stream still running after an error
+	start := time.Now()
+	var pulled int64
+	lastFetch := start
+	observe := func(err error) {
+		if b.Observer != nil {
+			b.Observer.ObservePull(pulled, lastFetch.Sub(start), err)
+		}
+	}
 	var next *layerStream
 	if len(layers) > 0 {
 		next = startLayer(ctx, layers[0])
@@ -77,13 +95,21 @@ func (b *Ext4Builder) Build(ctx context.Context, img v1.Image, out *os.File) err
 		if i+1 < len(layers) {
 			next = startLayer(ctx, layers[i+1])
 		}
-		if err := cur.applyTo(ctx, w); err != nil {
+		err := cur.applyTo(ctx, w)
+		// applyTo has seen the stream close, so its counters are final.
+		pulled += cur.received
+		if cur.fetched.After(lastFetch) {
+			lastFetch = cur.fetched
+		}
+		if err != nil {
+			observe(err)
 			return fmt.Errorf("layer %d of %d: %w", i+1, len(layers), err)
 		}
 		// Start writing this layer's data back now, so the final fsync
 		// does not do it all at the end while the CPUs sit idle.
 		_ = unix.SyncFileRange(int(out.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
 	}
+	observe(nil)
 	_, err = w.Finish(ctx)
 	return err
 }
@@ -110,6 +136,10 @@ type layerStream struct {
 	// err is set before chunks is closed; it is the fetch, decompression
 	// or digest error, nil for a verified layer.
 	err error
+	// received and fetched (the compressed bytes read and when the fetch
+	// ended) are also set before chunks is closed.
+	received int64
+	fetched  time.Time
 }
 
 // startLayer begins streaming l. The compressed bytes are hashed as they
@@ -122,6 +152,7 @@ func startLayer(ctx context.Context, l v1.Layer) *layerStream {
 		defer cancel()
 		defer close(s.chunks)
 		s.err = s.fetch(ctx, l)
+		s.fetched = time.Now()
 	}()
 	return s
 }
@@ -142,6 +173,7 @@ func (s *layerStream) fetch(ctx context.Context, l v1.Layer) error {
 	defer rc.Close()
 	h := sha256.New()
 	counted := &countingReader{r: io.TeeReader(rc, h)}
+	defer func() { s.received = counted.n }()
 	src := bufio.NewReaderSize(counted, 1<<20)
 	cw := &chunkWriter{ctx: ctx, out: s.chunks, free: s.free}
 	if err := decompress(mt, src, cw); err != nil {
