@@ -89,7 +89,7 @@ func TestHelmTemplate(t *testing.T) {
 						"livenessProbe:", "readinessProbe:", "path: /healthz", "host: 127.0.0.1", "containerPort: 9856",
 						"memory: 512Mi",
 					},
-					notWant: []string{"--kubelet-registration-path", "--plugin-registration-dir", "mountPath: /registration", "--cache-max-size", "--capacity-reserve"},
+					notWant: []string{"--kubelet-registration-path", "--plugin-registration-dir", "mountPath: /registration", "--cache-max-size", "--capacity-reserve", "--metrics-address", "POD_IP", "--image-max"},
 					mounts: map[string][]string{
 						"kubelet-dir": {"mountPath: /var/lib/kubelet", "mountPropagation: Bidirectional"},
 						"home":        {"mountPath: /var/lib/boxlite-csi", "mountPropagation: Bidirectional"},
@@ -208,6 +208,36 @@ func TestHelmTemplate(t *testing.T) {
 				},
 				// Exactly that Secret, read-only.
 				"Role/boxlite-boxlite-csi-pull-secret": {`resources: ["secrets"]`, `resourceNames: ["regcred"]`, `verbs: ["get"]`},
+			},
+		},
+		{
+			name: "metrics, PodMonitor, image limits",
+			args: []string{"--set", strings.Join([]string{
+				"metrics.enabled=true", "metrics.port=9900", "metrics.podMonitor.enabled=true",
+				"metrics.podMonitor.labels.release=prom", "imageLimits.maxBytes=8Gi", "imageLimits.maxFiles=200000",
+			}, ",")},
+			kinds: append([]string{"DaemonSet", "CSIDriver", "PodMonitor"}, rbacKinds...),
+			containers: []containerCheck{
+				{
+					name: "boxlite-csi",
+					want: []string{
+						"- --metrics-address=[$(POD_IP)]:9900", "- name: metrics", "containerPort: 9900",
+						"- --image-max-bytes=8Gi", "- --image-max-files=200000",
+						// The probe port stays next to the metrics one.
+						"containerPort: 9856",
+					},
+					notWant: []string{"--image-max-file-size"},
+					envFrom: map[string]string{"POD_IP": "fieldPath: status.podIP"},
+				},
+			},
+			objects: map[string][]string{
+				// Selects the plugin pods by the DaemonSet's selector labels
+				// and scrapes the port by the name the container gives it.
+				"PodMonitor/boxlite-boxlite-csi": {
+					"apiVersion: monitoring.coreos.com/v1", "release: prom", "namespace: " + releaseNS,
+					"app.kubernetes.io/name: boxlite-csi", "app.kubernetes.io/instance: boxlite",
+					"- port: metrics", "path: /metrics", "interval: 30s",
+				},
 			},
 		},
 		{
@@ -357,6 +387,8 @@ func TestValuesRejected(t *testing.T) {
 		{name: "Immediate binding", values: "storageClass:\n  volumeBindingMode: Immediate\n", want: []string{"at '/storageClass/volumeBindingMode'", "WaitForFirstConsumer"}},
 		{name: "fractional memory limit", values: "resources:\n  limits:\n    memory: 1.5Gi\n", want: []string{"at '/resources/limits/memory'"}},
 		{name: "sidecar switch as string", values: "registrar:\n  enabled: \"no\"\n", want: []string{"at '/registrar/enabled': got string, want boolean"}},
+		{name: "PodMonitor without metrics", values: "metrics:\n  podMonitor:\n    enabled: true\n", want: []string{"metrics.podMonitor.enabled needs metrics.enabled"}, byTemplate: true},
+		{name: "metrics port range", values: "metrics:\n  port: 70000\n", want: []string{"at '/metrics/port'"}},
 		{name: "toleration operator", values: "tolerations:\n  - operator: Maybe\n", want: []string{"at '/tolerations/0/operator'"}},
 	}
 	for _, tt := range tests {

@@ -71,6 +71,9 @@ they run on every install, template and lint.
 {{- if and .Values.storageClass.enabled .Values.storageClass.pullSecret.namespace (not .Values.storageClass.pullSecret.name) -}}
 {{- fail "storageClass.pullSecret.namespace is set but storageClass.pullSecret.name is empty" -}}
 {{- end -}}
+{{- if and .Values.metrics.podMonitor.enabled (not .Values.metrics.enabled) -}}
+{{- fail "metrics.podMonitor.enabled needs metrics.enabled: the PodMonitor would scrape a port nothing serves" -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
