@@ -6,9 +6,11 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"syscall"
 
@@ -156,7 +158,10 @@ func wrap(ref Ref, registry string, cred credInfo, err error) error {
 	case kindNotFound:
 		e.hint = "not found"
 	case kindUnavailable:
+		var le *LayerError
 		switch {
+		case errors.As(err, &le) && classify(le.Err) == kindOther:
+			e.hint = fmt.Sprintf("registry %s served a corrupt or truncated blob for layer %s (nothing of it was kept; a retry fetches it again)", registry, le.Digest)
 		case isCertError(err):
 			e.hint = fmt.Sprintf("registry %s unavailable: its TLS certificate is not trusted; add its CA to Options.RootCAs", registry)
 		case isPlainHTTPAnswer(err):
@@ -245,6 +250,12 @@ func classify(err error) kind {
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 		return kindOther
 	}
+	// A request whose connection closed before a whole answer came back:
+	// the registry (or something in front of it) dropped it.
+	var ue *url.Error
+	if errors.As(err, &ue) && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)) {
+		return kindUnavailable
+	}
 	var ph *PlainHTTPError
 	if errors.As(err, &ph) || isPlainHTTPAnswer(err) || isCertError(err) {
 		return kindUnavailable
@@ -260,6 +271,12 @@ func classify(err error) kind {
 		return kindUnavailable
 	case errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET),
 		errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH), errors.Is(err, syscall.EPIPE):
+		return kindUnavailable
+	}
+	// Reached only when the cause is none of the above: a layer body that
+	// does not hash to its digest or ends early.
+	var le *LayerError
+	if errors.As(err, &le) {
 		return kindUnavailable
 	}
 	return kindOther

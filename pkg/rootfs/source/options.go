@@ -46,6 +46,10 @@ type Options struct {
 	// MaxManifestBytes bounds manifests, indexes, index.json and image
 	// configs. Default DefaultMaxManifestBytes.
 	MaxManifestBytes int64
+	// RetryBackoff replaces go-containerregistry's retry schedule for
+	// requests that fail transiently (connection refused or dropped, 5xx,
+	// 429): by default three tries, 1 s and 3 s apart.
+	RetryBackoff *remote.Backoff
 }
 
 func (o Options) withDefaults() Options {

@@ -99,13 +99,25 @@ func resolveRegistry(ctx context.Context, ref Ref, opts *Options) (*Image, error
 		return nil, wrap(ref, registry, cred, err)
 	}
 	fail := func(err error) (*Image, error) { return nil, wrap(ref, registry, cred, err) }
+	// The layers are read later, by whoever builds the base: their errors
+	// must still say which image, which registry, and what kind.
+	withLayers := func(img *Image, err error) (*Image, error) {
+		if err == nil {
+			img.V1 = &registryImage{Image: img.V1, wrap: func(err error) error { return wrap(ref, registry, cred, err) }}
+		}
+		return img, err
+	}
 
-	puller, err := remote.NewPuller(
+	ropts := []remote.Option{
 		remote.WithTransport(opts.roundTripper()),
 		remote.WithAuth(auth),
 		remote.WithPlatform(*opts.Platform),
 		remote.WithUserAgent(userAgent),
-	)
+	}
+	if opts.RetryBackoff != nil {
+		ropts = append(ropts, remote.WithRetryBackoff(*opts.RetryBackoff))
+	}
+	puller, err := remote.NewPuller(ropts...)
 	if err != nil {
 		return fail(err)
 	}
@@ -119,7 +131,7 @@ func resolveRegistry(ctx context.Context, ref Ref, opts *Options) (*Image, error
 		if err != nil {
 			return fail(err)
 		}
-		return finish(ref, img, v1.Hash{}, nil, opts, fail)
+		return withLayers(finish(ref, img, v1.Hash{}, nil, opts, fail))
 	case mt.IsIndex():
 		im, err := v1.ParseIndexManifest(bytes.NewReader(desc.Manifest))
 		if err != nil {
@@ -143,7 +155,7 @@ func resolveRegistry(ctx context.Context, ref Ref, opts *Options) (*Image, error
 		if err != nil {
 			return fail(err)
 		}
-		return finish(ref, img, desc.Digest, child.Platform, opts, fail)
+		return withLayers(finish(ref, img, desc.Digest, child.Platform, opts, fail))
 	case mt.IsSchema1():
 		return fail(fmt.Errorf("manifest %s is Docker schema 1 (%s), which is not supported; re-push the image with a current client", desc.Digest, mt))
 	default:
