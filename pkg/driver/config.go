@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+
 	"github.com/boxlite-csi/boxlite-csi/pkg/metrics"
 )
 
@@ -45,6 +47,10 @@ type Config struct {
 	EvictionInterval   time.Duration
 	// BuildTimeout bounds one base build.
 	BuildTimeout time.Duration
+	// RegistryRetry is the retry schedule for transient registry failures;
+	// nil keeps go-containerregistry's (three tries, 1 s and 3 s apart).
+	// Tests of registry faults shorten it.
+	RegistryRetry *remote.Backoff
 
 	// MetricsAddress, when set, serves Prometheus metrics at
 	// http://<MetricsAddress>/metrics.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"maps"
+	"strings"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -29,6 +30,10 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		return nil, invalid("CreateVolume: name is required")
 	case len(name) > maxNameLen:
 		return nil, invalid("CreateVolume: name is %d bytes, at most %d allowed", len(name), maxNameLen)
+	case strings.ContainsRune(name, 0):
+		// Harmless to the box (its ID is a hash of the name), but no CO
+		// sends one, and it would end up in box.json and in logs.
+		return nil, invalid("CreateVolume %q: name contains NUL", name)
 	case len(req.GetVolumeCapabilities()) == 0:
 		return nil, invalid("CreateVolume %q: volume capabilities are required", name)
 	case req.GetVolumeContentSource() != nil:
@@ -133,6 +138,7 @@ func (d *Driver) sourceOptions(p volumeParams, secrets map[string]string) source
 		PlainHTTP:             p.PlainHTTP,
 		InsecureSkipTLSVerify: p.InsecureSkipTLSVerify,
 		DockerConfigJSON:      []byte(secrets[dockerConfigSecretKey]),
+		RetryBackoff:          d.cfg.RegistryRetry,
 	}
 }
 

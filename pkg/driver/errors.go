@@ -12,6 +12,7 @@ import (
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 	"github.com/boxlite-csi/boxlite-csi/pkg/qcow2"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
+	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/ext4"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/source"
 )
 
@@ -37,6 +38,9 @@ func toStatus(err error, where stage) error {
 	}
 	msg := err.Error()
 	var badID *layout.InvalidVolumeIDError
+	var limit *ext4.LimitError
+	var entry *ext4.EntryError
+	var tooLarge *source.ManifestTooLargeError
 	switch {
 	case errors.As(err, &badID), errors.Is(err, errInvalidParam), source.IsInvalidArgument(err):
 		return status.Error(codes.InvalidArgument, msg)
@@ -56,6 +60,22 @@ func toStatus(err error, where stage) error {
 		return status.Error(codes.FailedPrecondition, msg)
 	case errors.Is(err, rootfs.ErrRefusedOverlay), qcow2.IsTampered(err):
 		return status.Error(codes.FailedPrecondition, msg)
+	case errors.Is(err, rootfs.ErrLayerDigest):
+		// Registry layers are classed Unavailable above (a retry fetches
+		// them again); this is a local archive or layout that is broken.
+		return status.Error(codes.FailedPrecondition, msg)
+	case errors.As(err, &limit):
+		// The image is what it is: retrying cannot help until the node's
+		// limits change, so name the flag that sets this one.
+		return status.Error(codes.FailedPrecondition, fmt.Sprintf("%s (raise --%s to allow it)", msg, limitFlag(limit.Limit)))
+	case errors.As(err, &tooLarge):
+		// Like an image over the builder's limits: refused as it is, and
+		// asking again gets the same document.
+		return status.Error(codes.FailedPrecondition, msg)
+	case errors.As(err, &entry):
+		// A layer the builder refuses (a path escaping the root, a hard
+		// link to nothing): the image is unusable, not the node.
+		return status.Error(codes.FailedPrecondition, msg)
 	default:
 		return status.Error(codes.Internal, msg)
 	}
@@ -63,4 +83,17 @@ func toStatus(err error, where stage) error {
 
 func invalid(format string, args ...any) error {
 	return status.Error(codes.InvalidArgument, fmt.Sprintf(format, args...))
+}
+
+// limitFlag names the command-line flag that sets an ext4.Options limit.
+func limitFlag(field string) string {
+	switch field {
+	case "MaxTotalBytes":
+		return "image-max-bytes"
+	case "MaxFileSize":
+		return "image-max-file-size"
+	case "MaxFiles":
+		return "image-max-files"
+	}
+	return field
 }

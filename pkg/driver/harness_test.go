@@ -56,8 +56,15 @@ func testConfig(dir string) Config {
 // checks, at the end, that nothing it mounted is left mounted.
 func startPlugin(t testing.TB, dir string, cfg Config) *plugin {
 	t.Helper()
+	return startPluginWith(t, dir, cfg, &rootfs.Ext4Builder{})
+}
+
+// startPluginWith is startPlugin with a builder of the test's choosing,
+// e.g. with small image limits.
+func startPluginWith(t testing.TB, dir string, cfg Config, builder Builder) *plugin {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	d, err := New(ctx, cfg, &rootfs.Ext4Builder{})
+	d, err := New(ctx, cfg, builder)
 	if err != nil {
 		cancel()
 		t.Fatal(err)

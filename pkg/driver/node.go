@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -40,6 +41,29 @@ func checkPath(what, p string) error {
 		return invalid("%s %q must be an absolute, clean path", what, p)
 	}
 	return nil
+}
+
+// checkMountPath is checkPath for a path the driver creates, mounts on,
+// unmounts or removes: on top, no existing component may be a symbolic
+// link. Kubelet creates these paths as plain directories, so a link in
+// one was planted to redirect the driver out of the kubelet directory (a
+// bind mount over /etc, the removal of someone else's directory). A node
+// whose kubelet directory is itself reached through a link must give
+// kubelet its real path.
+func checkMountPath(what, p string) error {
+	if err := checkPath(what, p); err != nil {
+		return err
+	}
+	for q := p; ; q = filepath.Dir(q) {
+		// Missing components are fine (they are created as directories);
+		// any other error surfaces where the path is used.
+		if fi, err := os.Lstat(q); err == nil && fi.Mode()&fs.ModeSymlink != 0 {
+			return invalid("%s %q: %s is a symbolic link, which could lead out of the kubelet directory", what, p, q)
+		}
+		if q == "/" {
+			return nil
+		}
+	}
 }
 
 // nodeVolume validates the ID, capability and path common to the node
@@ -78,7 +102,7 @@ func checkCapability(op string, c *csi.VolumeCapability) error {
 func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
 	const op = "NodeStageVolume"
 	staging := req.GetStagingTargetPath()
-	if err := checkPath("staging target path", staging); err != nil {
+	if err := checkMountPath("staging target path", staging); err != nil {
 		return nil, err
 	}
 	if err := checkCapability(op, req.GetVolumeCapability()); err != nil {
@@ -133,11 +157,20 @@ func (d *Driver) stageBox(ctx context.Context, box layout.Box, m *boxManifest, s
 	if err != nil {
 		return rootfs.BoxDisk{}, fmt.Errorf("volume %s: box.json parameters: %w", box.ID(), err)
 	}
+	// The overlay metric leaves out waiting for the base, which has its
+	// own metrics, so it shows the cost of the overlay itself.
+	var baseWait time.Duration
+	start := time.Now()
 	disk, err := rootfs.PrepareBox(ctx, box, func(ctx context.Context) (rootfs.Base, error) {
+		t := time.Now()
+		defer func() { baseWait += time.Since(t) }()
 		return d.ensureBase(ctx, m, params, secrets)
 	}, uint64(max(m.Capacity, 0)))
 	if err != nil {
 		return disk, err
+	}
+	if disk.Outcome != rootfs.Reused {
+		d.cfg.Metrics.ObserveOverlay(string(disk.Outcome), time.Since(start)-baseWait)
 	}
 	// The base is shared by every box: inside a pod it must be read-only
 	// even to root, which file modes cannot promise but a mount can.
@@ -186,7 +219,7 @@ func (d *Driver) ensureBase(ctx context.Context, m *boxManifest, p volumeParams,
 func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
 	const op = "NodeUnstageVolume"
 	staging := req.GetStagingTargetPath()
-	if err := checkPath("staging target path", staging); err != nil {
+	if err := checkMountPath("staging target path", staging); err != nil {
 		return nil, err
 	}
 	box, unlock, err := d.lockedBox(op, req.GetVolumeId())
@@ -248,7 +281,7 @@ func (d *Driver) unmount(p string, remove bool) error {
 func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
 	const op = "NodePublishVolume"
 	target := req.GetTargetPath()
-	if err := checkPath("target path", target); err != nil {
+	if err := checkMountPath("target path", target); err != nil {
 		return nil, err
 	}
 	if err := checkCapability(op, req.GetVolumeCapability()); err != nil {
@@ -257,7 +290,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	ephemeral := req.GetVolumeContext()[ephemeralKey] == "true"
 	staging := req.GetStagingTargetPath()
 	if !ephemeral {
-		if err := checkPath("staging target path", staging); err != nil {
+		if err := checkMountPath("staging target path", staging); err != nil {
 			return nil, err
 		}
 	}
@@ -279,6 +312,13 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		}
 		if ok, err := d.mounter.isMountPoint(staging); err != nil || !ok {
 			return nil, status.Errorf(codes.FailedPrecondition, "%s %s: volume is not staged at %s", op, box.ID(), staging)
+		}
+		// The staged box is writable by whoever uses it, so its overlay
+		// may have been rewritten since NodeStage checked it. Publishing
+		// hands it to a pod whose runtime would follow the backing name:
+		// check the header again (it never opens what the header names).
+		if _, err := qcow2.Verify(box.GuestRootfsDiskPath(), qcow2.Expect{BackingFile: box.BackingName(), BackingFormat: qcow2.FormatRaw}); qcow2.IsTampered(err) {
+			return nil, status.Errorf(codes.FailedPrecondition, "%s %s: %v", op, box.ID(), fmt.Errorf("%w: %w", rootfs.ErrRefusedOverlay, err))
 		}
 		if req.GetVolumeCapability().GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER {
 			if other, err := publishedElsewhere(box, staging, target); err != nil {
@@ -369,7 +409,7 @@ func (d *Driver) stageEphemeral(ctx context.Context, box layout.Box, req *csi.No
 func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
 	const op = "NodeUnpublishVolume"
 	target := req.GetTargetPath()
-	if err := checkPath("target path", target); err != nil {
+	if err := checkMountPath("target path", target); err != nil {
 		return nil, err
 	}
 	box, unlock, err := d.lockedBox(op, req.GetVolumeId())

@@ -124,6 +124,12 @@ func createOverlay(ctx context.Context, box layout.Box, getBase func(context.Con
 		BackingFormat: qcow2.FormatRaw,
 		Size:          d.VirtualSize,
 	}); err != nil {
+		// Without an overlay the link is debris, and a link pins the base
+		// against eviction: a box that failed to stage (a full disk) must
+		// not keep a base alive. The next attempt links it again.
+		if rerr := os.Remove(box.BasePath()); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
+			err = errors.Join(err, fmt.Errorf("remove base link %s: %w", box.BasePath(), rerr))
+		}
 		return d, fmt.Errorf("rootfs: %w", err)
 	}
 	d.VirtualSize = (d.VirtualSize + 511) &^ 511

@@ -33,6 +33,10 @@ const (
 	DefaultMinSize       = 256 << 20
 )
 
+// ErrLayerDigest marks a layer whose bytes do not hash to the digest its
+// manifest names: corrupt, truncated or tampered with on the way.
+var ErrLayerDigest = errors.New("layer digest mismatch")
+
 // Ext4Builder turns an image into a raw ext4 base disk by streaming each
 // layer straight into the ext4 writer: nothing is extracted to disk, and
 // the plugin needs no e2fsprogs.
@@ -188,7 +192,7 @@ func (s *layerStream) fetch(ctx context.Context, l v1.Layer) error {
 		return fmt.Errorf("fetch: %w", err)
 	}
 	if got := "sha256:" + hex.EncodeToString(h.Sum(nil)); s.digest.Algorithm != "sha256" || got != s.digest.String() {
-		return fmt.Errorf("layer digest mismatch: manifest says %s, %d bytes received hash to %s", s.digest, counted.n, got)
+		return fmt.Errorf("%w: manifest says %s, %d bytes received hash to %s", ErrLayerDigest, s.digest, counted.n, got)
 	}
 	return nil
 }
