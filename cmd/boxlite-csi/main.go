@@ -69,7 +69,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.Float64Var(&c.CacheHighWatermark, "cache-high-watermark", 0.85, "fraction of the home filesystem in use above which unused base disks are evicted")
 	fs.Float64Var(&c.CacheLowWatermark, "cache-low-watermark", 0.70, "fraction eviction brings the home filesystem back down to")
 	fs.Var(&o.cacheMax, "cache-max-size", "also evict once the base disks together exceed this size; 0 means only the watermarks apply")
-	fs.DurationVar(&c.CacheGrace, "cache-grace", 5*time.Minute, "base disks installed or used this recently are never evicted")
+	fs.DurationVar(&c.CacheGrace, "cache-grace", 5*time.Minute, "base disks installed or used this recently are never evicted; 0 means no grace")
 	fs.DurationVar(&c.EvictionInterval, "eviction-interval", time.Minute, "how often to run an eviction pass; 0 disables eviction")
 	fs.DurationVar(&c.BuildTimeout, "build-timeout", 30*time.Minute, "longest a base-disk build may run, including after the request that started it gave up")
 	o.headroom = rootfs.DefaultHeadroom
@@ -126,6 +126,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	o.cfg.CapacityReserve = int64(o.reserve)
 	o.cfg.MaxVolumeSize = int64(o.maxVolume)
 	o.cfg.CacheMaxBytes = int64(o.cacheMax)
+	if o.cfg.CacheGrace == 0 {
+		// rootfs reads a zero Grace as "the default"; on the command line
+		// 0 means what it says.
+		o.cfg.CacheGrace = time.Nanosecond
+	}
 	m := metrics.New()
 	o.cfg.Metrics = m
 	builder := &rootfs.Ext4Builder{Observer: m}

@@ -139,6 +139,7 @@ func (d *Driver) sourceOptions(p volumeParams, secrets map[string]string) source
 		InsecureSkipTLSVerify: p.InsecureSkipTLSVerify,
 		DockerConfigJSON:      []byte(secrets[dockerConfigSecretKey]),
 		RetryBackoff:          d.cfg.RegistryRetry,
+		Transports:            d.transports,
 	}
 }
 

@@ -28,6 +28,7 @@ import (
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 	"github.com/boxlite-csi/boxlite-csi/pkg/metrics"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
+	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/source"
 )
 
 // Builder turns an image into a base disk. Its version is part of the
@@ -51,6 +52,9 @@ type Driver struct {
 	builder Builder
 	mounter *syscallMounter
 	locks   *volumeLocks
+	// transports pools registry connections across CreateVolume and
+	// NodeStage calls.
+	transports *source.Transports
 
 	readyMu     sync.Mutex
 	ready       bool
@@ -80,12 +84,13 @@ func New(ctx context.Context, cfg Config, builder Builder) (*Driver, error) {
 		return nil, err
 	}
 	d := &Driver{
-		cfg:     cfg,
-		home:    home,
-		cache:   cache,
-		builder: builder,
-		mounter: newMounter(),
-		locks:   newVolumeLocks(),
+		cfg:        cfg,
+		home:       home,
+		cache:      cache,
+		builder:    builder,
+		mounter:    newMounter(),
+		locks:      newVolumeLocks(),
+		transports: &source.Transports{},
 	}
 	if err := d.recover(ctx); err != nil {
 		return nil, err

@@ -68,6 +68,24 @@ func (m *syscallMounter) Unmount(target string) error {
 	return nil
 }
 
+// ensureReadOnly remounts the bind mount at target read-only unless it
+// already is. Mount makes a read-only bind in two calls, so a plugin killed
+// between them leaves a writable bind that the retried call must repair
+// rather than accept because "it is mounted".
+func (m *syscallMounter) ensureReadOnly(target string) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(target, &st); err != nil {
+		return fmt.Errorf("statfs %s: %w", target, err)
+	}
+	if st.Flags&unix.ST_RDONLY != 0 {
+		return nil
+	}
+	if err := unix.Mount("", target, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
+		return fmt.Errorf("remount %s read-only: %w", target, err)
+	}
+	return nil
+}
+
 // isMountPoint reports whether p is a mount point. A missing path is not.
 func (m *syscallMounter) isMountPoint(p string) (bool, error) {
 	ok, err := m.IsMountPoint(p)

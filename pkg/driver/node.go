@@ -180,6 +180,10 @@ func (d *Driver) stageBox(ctx context.Context, box layout.Box, m *boxManifest, s
 		if err := d.mounter.Mount(box.BasePath(), box.BasePath(), "", []string{"bind", "ro"}); err != nil {
 			return disk, fmt.Errorf("volume %s: %w", box.ID(), err)
 		}
+	} else if err := d.mounter.ensureReadOnly(box.BasePath()); err != nil {
+		// A crash between Mount's bind and its read-only remount left the
+		// shared base writable; a retried stage must not accept that.
+		return disk, fmt.Errorf("volume %s: %w", box.ID(), err)
 	}
 	if m.VirtualSize != disk.VirtualSize || m.Backing != box.BackingName() {
 		m.VirtualSize, m.Backing = disk.VirtualSize, box.BackingName()
@@ -333,6 +337,13 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		return nil, status.Errorf(codes.Internal, "%s %s: check %s: %v", op, box.ID(), target, err)
 	}
 	if err == nil && mounted {
+		if req.GetReadonly() {
+			// The same crash window: a read-only publish must not be
+			// confirmed over a bind that never got its remount.
+			if err := d.mounter.ensureReadOnly(target); err != nil {
+				return nil, status.Errorf(codes.Internal, "%s %s: %v", op, box.ID(), err)
+			}
+		}
 		return &csi.NodePublishVolumeResponse{}, nil
 	}
 	if err != nil {

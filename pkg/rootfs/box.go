@@ -111,12 +111,23 @@ func PrepareBox(ctx context.Context, box layout.Box, base func(context.Context) 
 // createOverlay links base into the box (replacing a link left by an
 // earlier attempt that never got an overlay) and writes a fresh overlay.
 func createOverlay(ctx context.Context, box layout.Box, getBase func(context.Context) (Base, error), size uint64, d BoxDisk, o Outcome) (BoxDisk, error) {
-	base, err := getBase(ctx)
-	if err != nil {
-		return d, err
-	}
-	if err := linkBase(box, base); err != nil {
-		return d, err
+	// Eviction may remove an unused base between the lookup and the link
+	// (only with a grace period near zero); then the base is ensured again,
+	// which rebuilds it.
+	var base Base
+	for attempt := 1; ; attempt++ {
+		var err error
+		if base, err = getBase(ctx); err != nil {
+			return d, err
+		}
+		err = linkBase(box, base)
+		if err == nil {
+			break
+		}
+		if _, serr := os.Stat(base.Path); attempt == 3 || !errors.Is(serr, fs.ErrNotExist) {
+			return d, err
+		}
+		klog.FromContext(ctx).Info("Base evicted before it could be linked; ensuring it again", "base", base.Path, "box", box.ID())
 	}
 	d.VirtualSize = max(uint64(base.Size), size)
 	if err := qcow2.CreateOverlay(ctx, d.Overlay, qcow2.OverlayOptions{

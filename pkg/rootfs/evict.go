@@ -231,6 +231,11 @@ func (c *Cache) evictOne(b cachedBase) (int64, error) {
 	if st.Nlink > 1 || st.Ino != b.id.ino {
 		return -1, nil
 	}
+	// A Lookup since the scan (a NodeStage about to link this base) has
+	// refreshed its access time: the base is in use again.
+	if last := time.Unix(st.Atim.Unix()); time.Since(last) < c.cfg.Grace {
+		return -1, nil
+	}
 	if err := os.Remove(b.path); err != nil {
 		return 0, fmt.Errorf("rootfs: evict %s: %w", b.path, err)
 	}
