@@ -121,9 +121,12 @@ func TestHelmTemplate(t *testing.T) {
 					want:    append([]string{"image: registry.k8s.io/sig-storage/csi-provisioner:v6.4.0", "- --timeout=60s"}, provisionerFlags...),
 					notWant: []string{"privileged", "--feature-gates", "--leader-election"},
 					envFrom: map[string]string{
-						"NODE_NAME":     "fieldPath: spec.nodeName",
-						"POD_NAME":      "fieldPath: metadata.name",
-						"POD_NAMESPACE": "fieldPath: metadata.namespace",
+						"NODE_NAME": "fieldPath: spec.nodeName",
+						"POD_NAME":  "fieldPath: metadata.name",
+						// external-provisioner v6.4.0 reads exactly these
+						// names (cmd/csi-provisioner); with capacity on it
+						// exits without NAMESPACE.
+						"NAMESPACE": "fieldPath: metadata.namespace",
 					},
 				},
 			},
