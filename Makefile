@@ -6,7 +6,7 @@ BENCHSTAT ?= $(GO) run golang.org/x/perf/cmd/benchstat@v0.0.0-20260908200009-22c
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 IMAGE     ?= ghcr.io/boxlite-csi/boxlite-csi:$(VERSION)
 
-.PHONY: build run test lint unit fuzz bench image manifests
+.PHONY: build run test lint unit fuzz bench image manifests e2e
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o bin/boxlite-csi ./cmd/boxlite-csi
@@ -23,6 +23,7 @@ lint:
 	$(GO) vet ./...
 	$(GO) mod tidy -diff
 	cd hack/k8s-schemas && $(GO) vet ./... && $(GO) mod tidy -diff
+	cd test/e2e && $(GO) vet ./... && $(GO) mod tidy -diff
 
 unit:
 	$(GO) test -race -count=1 ./...
@@ -44,6 +45,16 @@ image:
 # kubeconform on PATH.
 manifests:
 	$(GO) test -count=1 ./test/manifests/
+
+# The real-cluster end-to-end test (test/e2e, its own module): installs its
+# Debian packages, builds Kubernetes and external-provisioner from the Go
+# module proxy (cached under /var/cache/boxlite-e2e), brings a single-node
+# cluster up on 127.0.0.1, installs the chart and runs the scenarios, then
+# tears everything down. Root only; it skips, saying why, on a machine
+# without the disk or memory for it.
+e2e:
+	./test/e2e/install-deps.sh
+	cd test/e2e && $(GO) test -v -count=1 -timeout 60m .
 
 # The README's benchmark commands, in order; about 5 minutes as root.
 bench:
