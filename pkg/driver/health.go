@@ -10,6 +10,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 
 	"github.com/boxlite-csi/boxlite-csi/pkg/qcow2"
+	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
 )
 
 // NodeGetVolumeHealth reports what would stop the box from booting, each
@@ -36,7 +37,7 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 	}
 
 	overlay := box.GuestRootfsDiskPath()
-	_, verr := qcow2.Verify(overlay, qcow2.Expect{BackingFile: box.BackingName(), BackingFormat: qcow2.FormatRaw})
+	_, verr := rootfs.VerifyOverlay(box)
 	switch {
 	case verr == nil:
 	case errors.Is(verr, fs.ErrNotExist):

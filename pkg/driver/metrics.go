@@ -8,7 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/boxlite-csi/boxlite-csi/pkg/metrics"
-	"github.com/boxlite-csi/boxlite-csi/pkg/qcow2"
+	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
 )
 
 // Box states reported by boxlite_csi_boxes. They are derived from the box
@@ -83,7 +83,7 @@ func (d *Driver) boxStates() (counts map[string]int, errs int) {
 			errs++
 			continue
 		}
-		_, verr := qcow2.Verify(box.GuestRootfsDiskPath(), qcow2.Expect{BackingFile: box.BackingName(), BackingFormat: qcow2.FormatRaw})
+		_, verr := rootfs.VerifyOverlay(box)
 		switch {
 		case errors.Is(verr, fs.ErrNotExist):
 			if _, err := os.Stat(box.Root()); err == nil {

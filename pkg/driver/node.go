@@ -321,7 +321,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		// may have been rewritten since NodeStage checked it. Publishing
 		// hands it to a pod whose runtime would follow the backing name:
 		// check the header again (it never opens what the header names).
-		if _, err := qcow2.Verify(box.GuestRootfsDiskPath(), qcow2.Expect{BackingFile: box.BackingName(), BackingFormat: qcow2.FormatRaw}); qcow2.IsTampered(err) {
+		if _, err := rootfs.VerifyOverlay(box); qcow2.IsTampered(err) {
 			return nil, status.Errorf(codes.FailedPrecondition, "%s %s: %v", op, box.ID(), fmt.Errorf("%w: %w", rootfs.ErrRefusedOverlay, err))
 		}
 		if req.GetVolumeCapability().GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER {

@@ -46,6 +46,18 @@ const (
 // which.
 var ErrRefusedOverlay = errors.New("overlay refused")
 
+// OverlayExpect is what a box's overlay header must say: its base, named
+// relatively, in raw format. Anything else is tampering.
+func OverlayExpect(box layout.Box) qcow2.Expect {
+	return qcow2.Expect{BackingFile: box.BackingName(), BackingFormat: qcow2.FormatRaw}
+}
+
+// VerifyOverlay checks a box's overlay header against OverlayExpect
+// without opening the backing it names.
+func VerifyOverlay(box layout.Box) (*qcow2.Header, error) {
+	return qcow2.Verify(box.GuestRootfsDiskPath(), OverlayExpect(box))
+}
+
 // PrepareBox creates the box directories and creates or reuses the box's
 // guest-rootfs overlay over base, following upstream's reuse rules:
 //
@@ -71,7 +83,7 @@ func PrepareBox(ctx context.Context, box layout.Box, base func(context.Context) 
 		return BoxDisk{}, err
 	}
 	d := BoxDisk{Overlay: box.GuestRootfsDiskPath(), Base: box.BasePath()}
-	want := qcow2.Expect{BackingFile: box.BackingName(), BackingFormat: qcow2.FormatRaw}
+	want := OverlayExpect(box)
 
 	_, err := os.Lstat(d.Overlay)
 	switch {

@@ -114,7 +114,7 @@ func (c *Cache) references(ctx context.Context) (refs map[fileID]bool, complete 
 		}
 		// A tampered or corrupt overlay still pins its base: the box's
 		// owner may repair it. Only an unreadable one leaves us unsure.
-		_, verr := qcow2.Verify(box.GuestRootfsDiskPath(), qcow2.Expect{BackingFile: box.BackingName(), BackingFormat: qcow2.FormatRaw})
+		_, verr := VerifyOverlay(box)
 		if verr != nil && qcow2.IsIO(verr) && !errors.Is(verr, fs.ErrNotExist) {
 			log.Error(verr, "Cannot read overlay; reference scan incomplete", "box", id)
 			complete = false
