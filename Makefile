@@ -6,7 +6,7 @@ BENCHSTAT ?= $(GO) run golang.org/x/perf/cmd/benchstat@v0.0.0-20260908200009-22c
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 IMAGE     ?= ghcr.io/boxlite-csi/boxlite-csi:$(VERSION)
 
-.PHONY: build run test lint unit fuzz bench image manifests e2e
+.PHONY: build run deps test lint unit fuzz bench image manifests e2e
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o bin/boxlite-csi ./cmd/boxlite-csi
@@ -14,9 +14,19 @@ build:
 run: build
 	./bin/boxlite-csi
 
+# The packages and pinned Go tools the tests use (hack/deps.sh): installed
+# when run as root on Debian, otherwise only listed. The Go tools land in
+# $(go env GOPATH)/bin, which the test targets put on PATH.
+deps:
+	./hack/deps.sh
+
+export PATH := $(shell $(GO) env GOPATH)/bin:$(PATH)
+
 # Everything CI checks: formatting and vet, unit tests under the race
-# detector, then every fuzz target for FUZZTIME each.
-test: lint unit fuzz
+# detector, then every fuzz target for FUZZTIME each. deps runs first, so a
+# newcomer's first `sudo make test` runs the whole suite.
+test: deps
+	$(MAKE) lint unit fuzz
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

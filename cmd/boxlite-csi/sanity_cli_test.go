@@ -16,6 +16,7 @@ import (
 	ocilayout "github.com/google/go-containerregistry/pkg/v1/layout"
 	mount "k8s.io/mount-utils"
 
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 	"github.com/boxlite-csi/boxlite-csi/internal/testimage"
 )
 
@@ -34,13 +35,8 @@ func TestMain(m *testing.M) {
 // TestSanityCLI runs the csi-sanity command (v5.6.0, installed by .ci/run)
 // against a boxlite-csi process, then stops the plugin with SIGTERM.
 func TestSanityCLI(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: the plugin makes real bind mounts")
-	}
-	sanity, err := exec.LookPath("csi-sanity")
-	if err != nil {
-		t.Skip("csi-sanity not on PATH (go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.6.0)")
-	}
+	testenv.RequireRoot(t, "the plugin makes real bind mounts")
+	sanity := testenv.RequireTool(t, "csi-sanity", "go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.6.0")
 	dir := t.TempDir()
 	oci := filepath.Join(dir, "oci")
 	p, err := ocilayout.Write(oci, empty.Index)

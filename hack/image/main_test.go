@@ -21,13 +21,15 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/google/go-containerregistry/pkg/v1/validate"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 )
 
 // buildPlugin builds the real plugin the way the Dockerfile does.
 func buildPlugin(t *testing.T) string {
 	t.Helper()
 	if runtime.GOOS != "linux" {
-		t.Skip("the image is linux-only")
+		testenv.ByDesign(t, testenv.LinuxOnly)
 	}
 	bin := filepath.Join(t.TempDir(), "boxlite-csi")
 	cmd := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w -X main.version=v0.0.0-test", "-o", bin, "./cmd/boxlite-csi")
@@ -213,7 +215,7 @@ func TestRejects(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			if tt.name == "dynamic binary" && dynamic == "" {
-				t.Skip("no dynamically linked /bin/true here")
+				testenv.ByDesign(t, testenv.NoDynamicBinary)
 			}
 			out := filepath.Join(t.TempDir(), "image.tar")
 			args := append([]string{"-out", out, "-platform", "linux/" + runtime.GOARCH}, tt.args...)

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 )
 
 // BusyboxPath is where Debian's busybox-static installs the binary.
@@ -39,7 +41,7 @@ func Busybox(t testing.TB) v1.Image {
 	t.Helper()
 	bin, err := os.ReadFile(BusyboxPath)
 	if os.IsNotExist(err) {
-		t.Skip("busybox not installed: apt-get install busybox-static")
+		testenv.Unmet(t, "%s is not installed (apt-get install busybox-static)", BusyboxPath)
 	}
 	if err != nil {
 		t.Fatalf("testimage: %v", err)

@@ -25,6 +25,8 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 )
 
 // DebianBinary is Debian's docker-registry (package docker-registry).
@@ -57,16 +59,11 @@ type Debian struct {
 // the binary (or, for auth, htpasswd) is not installed.
 func StartDebian(t testing.TB, opts DebianOptions) *Debian {
 	t.Helper()
-	if _, err := os.Stat(DebianBinary); err != nil {
-		t.Skip("docker-registry not installed: apt-get install docker-registry")
-	}
+	testenv.RequireFile(t, DebianBinary, "apt-get install docker-registry")
 	dir := t.TempDir()
 	var auth, tlsConf string
 	if opts.User != "" {
-		htpasswd, err := exec.LookPath("htpasswd")
-		if err != nil {
-			t.Skip("htpasswd not installed: apt-get install apache2-utils")
-		}
+		htpasswd := testenv.RequireTool(t, "htpasswd", "apt-get install apache2-utils")
 		out, err := exec.Command(htpasswd, "-Bbn", opts.User, opts.Password).Output()
 		if err != nil {
 			t.Fatalf("testregistry: htpasswd: %v", err)

@@ -3,7 +3,6 @@ package driver
 import (
 	"context"
 	"net"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -12,19 +11,17 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	mount "k8s.io/mount-utils"
 
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 	"github.com/boxlite-csi/boxlite-csi/internal/testimage"
 	"github.com/boxlite-csi/boxlite-csi/internal/testregistry"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
 )
 
-// needRoot skips tests that make real bind mounts.
+// needRoot stops tests that make real bind mounts unless they run as root.
 func needRoot(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: the driver makes real bind mounts (CI runs as root)")
-	}
+	testenv.RequireRoot(t, "the driver makes real bind mounts")
 }
 
 // plugin is a driver serving on a unix socket in a temp directory.
@@ -53,7 +50,7 @@ func testConfig(dir string) Config {
 }
 
 // startPlugin runs a driver until the test ends (or stop is called) and
-// checks, at the end, that nothing it mounted is left mounted.
+// checks, once it has stopped, that nothing under dir is left mounted.
 func startPlugin(t testing.TB, dir string, cfg Config) *plugin {
 	t.Helper()
 	return startPluginWith(t, dir, cfg, &rootfs.Ext4Builder{})
@@ -63,6 +60,8 @@ func startPlugin(t testing.TB, dir string, cfg Config) *plugin {
 // e.g. with small image limits.
 func startPluginWith(t testing.TB, dir string, cfg Config, builder Builder) *plugin {
 	t.Helper()
+	// Cleanups run last-in first-out: this check runs after p.stop below.
+	t.Cleanup(func() { assertNoMounts(t, dir) })
 	ctx, cancel := context.WithCancel(context.Background())
 	d, err := New(ctx, cfg, builder)
 	if err != nil {
@@ -101,17 +100,17 @@ func (p *plugin) stop() {
 
 // assertNoMounts fails if anything under dir is still mounted, and cleans
 // it up so one failing test does not poison the next.
-func assertNoMounts(t *testing.T, dir string) {
+func assertNoMounts(t testing.TB, dir string) {
 	t.Helper()
-	infos, err := mount.ParseMountInfo("/proc/self/mountinfo")
+	ms, err := testenv.MountsUnder(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, mi := range infos {
-		if within(mi.MountPoint, dir) {
-			t.Errorf("leaked mount %s", mi.MountPoint)
-			_ = syscallUnmount(mi.MountPoint)
-		}
+	for _, mi := range ms {
+		t.Errorf("leaked mount %s", mi.MountPoint)
+	}
+	if err := testenv.UnmountAll(dir); err != nil {
+		t.Error(err)
 	}
 }
 

@@ -14,6 +14,8 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 )
 
 func mountCap(mode csi.VolumeCapability_AccessMode_Mode) *csi.VolumeCapability {
@@ -27,14 +29,7 @@ var rwo = mountCap(csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER)
 
 func needQemu(t *testing.T) (img, io string) {
 	t.Helper()
-	var err error
-	if img, err = exec.LookPath("qemu-img"); err != nil {
-		t.Skip("qemu-img not installed (apt-get install qemu-utils)")
-	}
-	if io, err = exec.LookPath("qemu-io"); err != nil {
-		t.Skip("qemu-io not installed (apt-get install qemu-utils)")
-	}
-	return img, io
+	return testenv.RequireTool(t, "qemu-img", "apt-get install qemu-utils"), testenv.RequireTool(t, "qemu-io", "apt-get install qemu-utils")
 }
 
 func qemu(t *testing.T, name string, args ...string) string {
@@ -84,7 +79,6 @@ func TestLifecycleWithRestarts(t *testing.T) {
 	cfg := testConfig(dir)
 	staging := filepath.Join(dir, "kubelet/plugins/staging")
 	target := filepath.Join(dir, "kubelet/pods/p1/volumes/box")
-	t.Cleanup(func() { assertNoMounts(t, dir) })
 	ctx := context.Background()
 
 	p := startPlugin(t, dir, cfg)
@@ -173,7 +167,6 @@ func TestInlineEphemeralVolume(t *testing.T) {
 	qemuImg, _ := needQemu(t)
 	params, _ := testImage(t)
 	dir := t.TempDir()
-	t.Cleanup(func() { assertNoMounts(t, dir) })
 	p := startPlugin(t, dir, testConfig(dir))
 	ctx := context.Background()
 	attrs := map[string]string{
@@ -210,7 +203,6 @@ func TestRefusals(t *testing.T) {
 	needRoot(t)
 	params, _ := testImage(t)
 	dir := t.TempDir()
-	t.Cleanup(func() { assertNoMounts(t, dir) })
 	p := startPlugin(t, dir, testConfig(dir))
 	ctx := context.Background()
 	block := &csi.VolumeCapability{AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},

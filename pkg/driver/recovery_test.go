@@ -42,7 +42,6 @@ func TestBusyVolumeAbortsAndBuildOutlivesCaller(t *testing.T) {
 	reg.Push(t, "bb:1", img)
 	params := map[string]string{ParamImage: reg.Ref("bb:1"), ParamPlainHTTP: "true"}
 	dir := t.TempDir()
-	t.Cleanup(func() { assertNoMounts(t, dir) })
 	p := startPlugin(t, dir, testConfig(dir))
 	ctx := context.Background()
 
@@ -101,7 +100,6 @@ func TestRestageAfterReboot(t *testing.T) {
 	qemuImg, qemuIO := needQemu(t)
 	params, _ := testImage(t)
 	dir := t.TempDir()
-	t.Cleanup(func() { assertNoMounts(t, dir) })
 	cfg := testConfig(dir)
 	p := startPlugin(t, dir, cfg)
 	ctx := context.Background()

@@ -5,18 +5,18 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 )
 
 func TestPrepareRejectsTmpOnOtherFilesystem(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to mount a tmpfs: run as root to cover the cross-filesystem error")
-	}
+	testenv.RequireRoot(t, "it mounts a tmpfs to cover the cross-filesystem error")
 	h := NewHome(t.TempDir(), Config{})
 	if err := os.MkdirAll(h.TempDir(), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	if err := syscall.Mount("tmpfs", h.TempDir(), "tmpfs", 0, "size=1m"); err != nil {
-		t.Skipf("needs root to mount a tmpfs: mount on %s: %v", h.TempDir(), err)
+		testenv.Unmet(t, "cannot mount a tmpfs on %s: %v", h.TempDir(), err)
 	}
 	// Registered after t.TempDir, so it runs before the directory is removed.
 	t.Cleanup(func() {

@@ -11,17 +11,15 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 )
 
-// needQemu returns the path of a qemu-utils tool or skips: parity can only
-// be judged by QEMU itself. CI installs qemu-utils, so these never skip there.
+// needQemu returns the path of a qemu-utils tool: parity can only be
+// judged by QEMU itself.
 func needQemu(t *testing.T, tool string) string {
 	t.Helper()
-	p, err := exec.LookPath(tool)
-	if err != nil {
-		t.Skipf("%s not installed (apt-get install qemu-utils): QEMU parity not checked", tool)
-	}
-	return p
+	return testenv.RequireTool(t, tool, "apt-get install qemu-utils")
 }
 
 func run(t *testing.T, name string, args ...string) string {

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 )
 
 // newOverlay writes an overlay with our writer and returns its path.
@@ -170,7 +172,7 @@ func TestReadHeaderIOErrors(t *testing.T) {
 	})
 	t.Run("EACCES", func(t *testing.T) {
 		if os.Geteuid() == 0 {
-			t.Skip("root bypasses file permissions, so EACCES cannot be provoked; the read-failure case below covers the same path")
+			testenv.ByDesign(t, testenv.RootBypassesPermissions)
 		}
 		p := newOverlay(t, t.TempDir(), "o.qcow2", OverlayOptions{BackingFile: "b"})
 		if err := os.Chmod(p, 0); err != nil {

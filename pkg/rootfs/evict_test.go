@@ -10,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 )
 
@@ -17,9 +18,7 @@ import (
 // the cache filesystem is.
 func smallHome(t *testing.T, size string) string {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to mount a tmpfs home of known size")
-	}
+	testenv.RequireRoot(t, "it mounts a tmpfs home of known size")
 	dir := t.TempDir()
 	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size="+size); err != nil {
 		t.Fatalf("mount tmpfs on %s: %v", dir, err)

@@ -14,6 +14,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 	"github.com/boxlite-csi/boxlite-csi/internal/testimage"
 	"github.com/boxlite-csi/boxlite-csi/internal/testregistry"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/source"
@@ -46,11 +47,7 @@ func buildFrom(t testing.TB, ref string, builds *atomic.Int32) BuildFunc {
 
 func needTool(t testing.TB, name string) string {
 	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		t.Skipf("%s not installed (apt-get install e2fsprogs): cannot judge the base disk", name)
-	}
-	return p
+	return testenv.RequireTool(t, name, "apt-get install e2fsprogs")
 }
 
 func TestBaseMatchesImageExport(t *testing.T) {
@@ -78,9 +75,7 @@ func TestBaseMatchesImageExport(t *testing.T) {
 		t.Errorf("base has no journal:\n%s", out)
 	}
 
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to loop-mount the base and read its tree back")
-	}
+	testenv.RequireRoot(t, "it loop-mounts the base and reads its tree back")
 	mnt := t.TempDir()
 	if out, err := exec.Command("mount", "-o", "loop,ro", base.Path, mnt).CombinedOutput(); err != nil {
 		t.Fatalf("mount: %v\n%s", err, out)

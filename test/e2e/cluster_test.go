@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 )
 
 const (
@@ -129,7 +131,7 @@ func cleanupRoot(t testing.TB, root string) {
 	// removal would go through the mount into whatever it shows.
 	mounted := map[string]bool{}
 	for _, p := range append([]string{root}, st.Created...) {
-		if err := unmountAll(p); err != nil {
+		if err := testenv.UnmountAll(p); err != nil {
 			t.Errorf("cleanup: %v", err)
 			mounted[p] = true
 		}

@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 )
 
 // Resources the e2e needs on top of the Debian packages install-deps.sh
@@ -24,44 +26,17 @@ const (
 	minFreeMem  = 4 << 30
 )
 
-// gate skips with the reason when this machine cannot run the e2e.
+// gate stops the test, saying why, when this machine cannot run the e2e
+// (a skip on a developer's machine, a failure under CI=true).
 func gate(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("e2e needs root: it runs containerd, a kubelet and mounts (sudo make e2e)")
-	}
+	testenv.RequireRoot(t, "the e2e runs containerd, a kubelet and mounts (sudo make e2e)")
 	for _, dir := range []string{cacheRoot(), filepath.Dir(runRoot())} {
-		d := dir
-		for {
-			if _, err := os.Stat(d); err == nil {
-				break
-			}
-			d = filepath.Dir(d)
-		}
-		var st syscall.Statfs_t
-		if err := syscall.Statfs(d, &st); err == nil && st.Bavail*uint64(st.Bsize) < minFreeDisk {
-			t.Skipf("e2e needs %d GiB free under %s, have %d GiB", minFreeDisk>>30, dir, st.Bavail*uint64(st.Bsize)>>30)
-		}
+		testenv.RequireDisk(t, dir, minFreeDisk)
 	}
-	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
-		var kb uint64
-		for _, l := range strings.Split(string(b), "\n") {
-			if strings.HasPrefix(l, "MemAvailable:") {
-				fmt.Sscanf(strings.TrimPrefix(l, "MemAvailable:"), "%d", &kb)
-			}
-		}
-		if kb > 0 && kb<<10 < minFreeMem {
-			t.Skipf("e2e needs %d GiB of available memory, have %d MiB", minFreeMem>>30, kb>>10)
-		}
-	}
-	var missing []string
+	testenv.RequireMemory(t, minFreeMem)
 	for _, b := range []string{"go", "etcd", "containerd", "runc", "ctr", "docker-registry", "qemu-system-x86_64",
 		"qemu-img", "debugfs", "apt-get", "dpkg", "ip", "mount", busyboxHost, "/usr/lib/cni/bridge", "/usr/lib/cni/loopback"} {
-		if _, err := exec.LookPath(b); err != nil {
-			missing = append(missing, b)
-		}
-	}
-	if len(missing) > 0 {
-		t.Skipf("e2e needs %v: run test/e2e/install-deps.sh", missing)
+		testenv.RequireTool(t, b, "run test/e2e/install-deps.sh")
 	}
 }
 

@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 )
 
 // state is what a run records before it changes anything, so that the
@@ -209,43 +211,10 @@ func removeCgroups(dirs []string) {
 
 // mountsUnder lists mount points at or below dir, deepest first.
 func mountsUnder(dir string) []string {
-	b, _ := os.ReadFile("/proc/self/mountinfo")
-	var out []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 5 {
-			continue
-		}
-		mp := unescapeMountPath(f[4])
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			out = append(out, mp)
-		}
+	ms, _ := testenv.MountsUnder(dir)
+	out := make([]string, len(ms))
+	for i, m := range ms {
+		out[i] = m.MountPoint
 	}
-	sort.SliceStable(out, func(i, j int) bool { return strings.Count(out[i], "/") > strings.Count(out[j], "/") })
 	return out
-}
-
-func unescapeMountPath(s string) string {
-	r := strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`)
-	return r.Replace(s)
-}
-
-// unmountAll unmounts everything at or below dir, lazily as a last resort
-// (a mount still busy in a dying process would otherwise survive us).
-func unmountAll(dir string) error {
-	for i := 0; i < 5; i++ {
-		mps := mountsUnder(dir)
-		if len(mps) == 0 {
-			return nil
-		}
-		for _, mp := range mps {
-			if err := syscall.Unmount(mp, 0); err != nil && i >= 2 {
-				syscall.Unmount(mp, syscall.MNT_DETACH)
-			}
-		}
-	}
-	if mps := mountsUnder(dir); len(mps) > 0 {
-		return fmt.Errorf("still mounted: %v", mps)
-	}
-	return nil
 }

@@ -12,6 +12,7 @@ import (
 	ocilayout "github.com/google/go-containerregistry/pkg/v1/layout"
 	"golang.org/x/sys/unix"
 
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 	"github.com/boxlite-csi/boxlite-csi/internal/testimage"
 )
 
@@ -172,7 +173,7 @@ func TestCrashStates(t *testing.T) {
 				t.Errorf("after the retried %s: %v", tc.retry, errors.Join(errs...))
 			}
 			if tc.readonly && publishedIn(next) {
-				ms, _ := mountsUnder(v.target)
+				ms, _ := testenv.MountsUnder(v.target)
 				for _, m := range ms {
 					if m.MountPoint == v.target && !readOnly(m) {
 						t.Errorf("volume published read-only is writable at %s after the retried %s (options %v)", v.target, tc.retry, m.MountOptions)

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 	mount "k8s.io/mount-utils"
 )
 
@@ -246,7 +247,7 @@ func (e mountExpectation) expectEither(v *volume, before, after step) {
 // mount kubelet's requests do not need (a leak), none missing, none
 // stacked twice, and every base mount read-only.
 func checkMounts(e mountExpectation, dirs ...string) []error {
-	ms, err := mountsUnder(dirs...)
+	ms, err := testenv.MountsUnder(dirs...)
 	if err != nil {
 		return []error{err}
 	}

@@ -15,6 +15,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 	"github.com/boxlite-csi/boxlite-csi/internal/testimage"
 	"github.com/boxlite-csi/boxlite-csi/internal/testregistry"
 )
@@ -170,7 +171,7 @@ func TestLoad(t *testing.T) {
 	}
 
 	// Nothing may be left: every lifecycle ended with a delete.
-	if ms, err := mountsUnder(dir); err != nil || len(ms) > 0 {
+	if ms, err := testenv.MountsUnder(dir); err != nil || len(ms) > 0 {
 		var pts []string
 		for _, m := range ms {
 			pts = append(pts, m.MountPoint)

@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -21,26 +20,18 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
-	mount "k8s.io/mount-utils"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 )
 
-// needRootAndQemu skips unless the test can make mounts and judge
+// needRootAndQemu stops the test unless it can make mounts and judge
 // overlays and bases, and returns the qemu tool paths.
 func needRootAndQemu(t *testing.T) (qemuImg, qemuIO string) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: the plugin makes real bind mounts (CI runs as root)")
-	}
-	var err error
-	if qemuImg, err = exec.LookPath("qemu-img"); err != nil {
-		t.Skip("qemu-img not installed (apt-get install qemu-utils): it judges the overlays")
-	}
-	if qemuIO, err = exec.LookPath("qemu-io"); err != nil {
-		t.Skip("qemu-io not installed (apt-get install qemu-utils): it writes and reads the markers")
-	}
-	if _, err := exec.LookPath("e2fsck"); err != nil {
-		t.Skip("e2fsck not installed (apt-get install e2fsprogs): it judges the bases")
-	}
+	testenv.RequireRoot(t, "the plugin makes real bind mounts")
+	qemuImg = testenv.RequireTool(t, "qemu-img", "apt-get install qemu-utils")
+	qemuIO = testenv.RequireTool(t, "qemu-io", "apt-get install qemu-utils")
+	testenv.RequireTool(t, "e2fsck", "apt-get install e2fsprogs")
 	if pluginBin == "" {
 		t.Fatal("TestMain did not build the plugin")
 	}
@@ -344,45 +335,11 @@ func callOn(ctx context.Context, conn *grpc.ClientConn, v *volume, s step) error
 	return fmt.Errorf("no call for step %v", s)
 }
 
-// mountsUnder lists the mount points at or below any of dirs, one entry
-// per mount (a path mounted twice appears twice), and each one's options.
-func mountsUnder(dirs ...string) ([]mount.MountInfo, error) {
-	infos, err := mount.ParseMountInfo("/proc/self/mountinfo")
-	if err != nil {
-		return nil, fmt.Errorf("read mountinfo: %w", err)
-	}
-	var out []mount.MountInfo
-	for _, mi := range infos {
-		for _, d := range dirs {
-			if within(mi.MountPoint, d) {
-				out = append(out, mi)
-				break
-			}
-		}
-	}
-	return out, nil
-}
-
-func within(p, dir string) bool {
-	return p == dir || strings.HasPrefix(p, strings.TrimSuffix(dir, "/")+"/")
-}
-
-// unmountAll detaches everything under dir, deepest first, so a failed
-// test leaves no mounts behind to poison the next one.
+// unmountAll detaches everything under dir, so a failed test leaves no
+// mounts behind to poison the next one.
 func unmountAll(t testing.TB, dir string) {
-	for range 10 {
-		ms, err := mountsUnder(dir)
-		if err != nil {
-			t.Log(err)
-			return
-		}
-		if len(ms) == 0 {
-			return
-		}
-		sort.Slice(ms, func(i, j int) bool { return len(ms[i].MountPoint) > len(ms[j].MountPoint) })
-		for _, m := range ms {
-			_ = syscall.Unmount(m.MountPoint, syscall.MNT_DETACH)
-		}
+	if err := testenv.UnmountAll(dir); err != nil {
+		t.Log(err)
 	}
 }
 

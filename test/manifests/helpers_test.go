@@ -15,6 +15,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 )
 
 const (
@@ -43,13 +45,11 @@ func chartDir(t *testing.T) string {
 	return filepath.Join(repoRoot(t), "charts", "boxlite-csi")
 }
 
-// requireTools skips the test when a tool is not on PATH.
+// requireTools stops the test when a tool is not on PATH.
 func requireTools(t *testing.T, names ...string) {
 	t.Helper()
 	for _, n := range names {
-		if _, err := exec.LookPath(n); err != nil {
-			t.Skipf("%s is not on PATH; install it to run the manifest checks (see .ci/run): %v", n, err)
-		}
+		testenv.RequireTool(t, n, "make deps installs it")
 	}
 }
 

@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 )
 
 // testTime is a fixed timestamp with a nanosecond part, so that round trips
@@ -123,16 +125,7 @@ func mustBuild(t testing.TB, opts Options, layers ...[]tentry) (string, Stats) {
 
 func needTool(t testing.TB, name string) string {
 	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		for _, dir := range []string{"/usr/sbin", "/sbin"} {
-			if _, err := os.Stat(filepath.Join(dir, name)); err == nil {
-				return filepath.Join(dir, name)
-			}
-		}
-		t.Skipf("%s not installed (e2fsprogs); skipping the check that needs it", name)
-	}
-	return p
+	return testenv.RequireTool(t, name, "apt-get install e2fsprogs")
 }
 
 // fsck runs a forced, read-only e2fsck and fails the test unless it finds
@@ -149,9 +142,7 @@ func fsck(t testing.TB, img string) {
 // end of the test, or when the returned function is called.
 func mountImage(t testing.TB, img, opts string) (dir string, unmount func()) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("mounting needs root; skipping the mounted checks")
-	}
+	testenv.RequireRoot(t, "it loop-mounts the image")
 	dir = t.TempDir()
 	if out, err := exec.Command("mount", "-o", "loop,"+opts, img, dir).CombinedOutput(); err != nil {
 		t.Fatalf("mount %s: %v\n%s", img, err, out)
