@@ -86,14 +86,14 @@ func invalid(format string, args ...any) error {
 }
 
 // limitFlag names the command-line flag that sets an ext4.Options limit.
-func limitFlag(field string) string {
-	switch field {
-	case "MaxTotalBytes":
+func limitFlag(l ext4.Limit) string {
+	switch l {
+	case ext4.LimitTotalBytes:
 		return "image-max-bytes"
-	case "MaxFileSize":
+	case ext4.LimitFileSize:
 		return "image-max-file-size"
-	case "MaxFiles":
+	case ext4.LimitFiles:
 		return "image-max-files"
 	}
-	return field
+	return l.String()
 }

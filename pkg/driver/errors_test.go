@@ -31,7 +31,7 @@ func TestToStatus(t *testing.T) {
 		{"deadline", wrapped(context.DeadlineExceeded), atNode, codes.Aborted, "deadline"},
 		{"disk full", wrapped(syscall.ENOSPC), atNode, codes.ResourceExhausted, "no space"},
 		{"local layer corrupt", wrapped(fmt.Errorf("%w: manifest says x", rootfs.ErrLayerDigest)), atNode, codes.FailedPrecondition, "layer digest mismatch"},
-		{"image over a limit", wrapped(&ext4.EntryError{Path: "f", Err: &ext4.LimitError{Limit: "MaxFiles", Max: 10}}), atNode, codes.FailedPrecondition, "raise --image-max-files"},
+		{"image over a limit", wrapped(&ext4.EntryError{Path: "f", Err: &ext4.LimitError{Limit: ext4.LimitFiles, Max: 10}}), atNode, codes.FailedPrecondition, "raise --image-max-files"},
 		{"entry escaping", wrapped(&ext4.EntryError{Path: "../x", Err: errors.New("escapes the root")}), atNode, codes.FailedPrecondition, `"../x"`},
 		{"overlay refused", wrapped(rootfs.ErrRefusedOverlay), atNode, codes.FailedPrecondition, "overlay refused"},
 		{"anything else", wrapped(errors.New("boom")), atNode, codes.Internal, "volume bx-1: build: boom"},

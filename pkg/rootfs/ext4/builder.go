@@ -142,7 +142,7 @@ func (b *Builder) fail(err error) error {
 func (b *Builder) applyEntry(ctx context.Context, hdr *tar.Header, r io.Reader) error {
 	b.stats.Entries++
 	if b.stats.Entries > b.opts.MaxFiles {
-		return &LimitError{Limit: "MaxFiles", Max: b.opts.MaxFiles}
+		return &LimitError{Limit: LimitFiles, Max: b.opts.MaxFiles}
 	}
 	if hdr.Typeflag == tar.TypeXGlobalHeader {
 		return nil // PAX defaults; archive/tar already applies them
@@ -183,13 +183,13 @@ func (b *Builder) applyEntry(ctx context.Context, hdr *tar.Header, r io.Reader) 
 	switch typ {
 	case tar.TypeReg, '\x00', tar.TypeCont, tar.TypeGNUSparse:
 		if hdr.Size > b.opts.MaxFileSize {
-			return &LimitError{Limit: "MaxFileSize", Max: b.opts.MaxFileSize}
+			return &LimitError{Limit: LimitFileSize, Max: b.opts.MaxFileSize}
 		}
 		if hdr.Size > maxFileBlocks*blockSize-blockSize {
 			return fmt.Errorf("file of %d bytes is too large for ext4", hdr.Size)
 		}
 		if b.totalBytes += hdr.Size; b.totalBytes > b.opts.MaxTotalBytes {
-			return &LimitError{Limit: "MaxTotalBytes", Max: b.opts.MaxTotalBytes}
+			return &LimitError{Limit: LimitTotalBytes, Max: b.opts.MaxTotalBytes}
 		}
 		in, err := b.newInode(hdr, sIFREG)
 		if err != nil {

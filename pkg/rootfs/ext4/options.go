@@ -78,10 +78,33 @@ func (o Options) withDefaults() (Options, error) {
 	return o, nil
 }
 
+// Limit names one of the Options limits, so that callers can tell which
+// one an image crossed without matching strings.
+type Limit int
+
+const (
+	LimitTotalBytes Limit = iota + 1 // Options.MaxTotalBytes
+	LimitFileSize                    // Options.MaxFileSize
+	LimitFiles                       // Options.MaxFiles
+)
+
+// String is the name of the Options field the limit comes from.
+func (l Limit) String() string {
+	switch l {
+	case LimitTotalBytes:
+		return "MaxTotalBytes"
+	case LimitFileSize:
+		return "MaxFileSize"
+	case LimitFiles:
+		return "MaxFiles"
+	}
+	return fmt.Sprintf("Limit(%d)", int(l))
+}
+
 // LimitError reports that the layers exceed one of the Options limits.
 type LimitError struct {
-	Limit string // name of the Options field
-	Max   int64  // its value
+	Limit Limit // which limit
+	Max   int64 // its value
 }
 
 func (e *LimitError) Error() string {

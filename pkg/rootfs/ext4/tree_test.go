@@ -309,21 +309,21 @@ func TestLimits(t *testing.T) {
 		name   string
 		opts   Options
 		layers [][]tentry
-		limit  string
+		limit  Limit
 	}{{
 		name:   "1 TiB file claim",
 		layers: [][]tentry{{huge}},
-		limit:  "MaxFileSize",
+		limit:  LimitFileSize,
 	}, {
 		name:   "total bytes over layers",
 		opts:   Options{MaxTotalBytes: 10000},
 		layers: [][]tentry{{fileE("a", 0o644, make([]byte, 6000))}, {fileE("a", 0o644, make([]byte, 6000))}},
-		limit:  "MaxTotalBytes",
+		limit:  LimitTotalBytes,
 	}, {
 		name:   "file count",
 		opts:   Options{MaxFiles: 100},
 		layers: [][]tentry{manyFiles("d", 101)},
-		limit:  "MaxFiles",
+		limit:  LimitFiles,
 	}} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, _, err := buildImage(t, tc.opts, tc.layers...)
