@@ -170,7 +170,7 @@ func (s *suite) install(t *testing.T, bins binaries, root string) {
 		"-n", pluginNamespace, "--create-namespace", "--wait", "--timeout", "5m",
 		"--set", "image.repository=" + pluginImageRepo, "--set", "image.tag=" + pluginImageTag, "--set", "image.pullPolicy=Never",
 		"--set", "kubeletDir=" + c.kubeletDir, "--set", "home=" + c.home,
-		"--set", "registrar.enabled=false", "--set", "livenessprobe.enabled=false",
+		"--set", "registrar.enabled=false", "--set", "livenessProbe.enabled=false",
 		"--set", "provisioner.enabled=true",
 		"--set", "provisioner.image.repository=" + provisionerRepo, "--set", "provisioner.image.tag=" + provisionerTag,
 		"--set", "provisioner.image.pullPolicy=Never",

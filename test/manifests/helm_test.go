@@ -37,6 +37,7 @@ type containerCheck struct {
 	absent          bool                // the container must not be rendered
 	envFrom         map[string]string   // env name -> a line of its block
 	noLivenessProbe bool
+	probes          map[string][]string // "livenessProbe:" or "readinessProbe:" -> lines its block must hold
 }
 
 func TestHelmTemplate(t *testing.T) {
@@ -244,6 +245,45 @@ func TestHelmTemplate(t *testing.T) {
 			},
 		},
 		{
+			// Every probe timing and health port comes from values; the
+			// timings not set here keep their defaults.
+			name: "probe timings and health ports",
+			args: []string{"--set", strings.Join([]string{
+				"livenessProbe.port=9866", "livenessProbe.initialDelaySeconds=20", "livenessProbe.periodSeconds=15",
+				"livenessProbe.timeoutSeconds=8", "livenessProbe.failureThreshold=4",
+				"readinessProbe.initialDelaySeconds=3", "readinessProbe.periodSeconds=30", "readinessProbe.failureThreshold=2",
+				"registrar.livenessProbe.port=9867", "registrar.livenessProbe.initialDelaySeconds=7",
+				"registrar.livenessProbe.failureThreshold=5",
+			}, ",")},
+			kinds: append([]string{"DaemonSet", "CSIDriver"}, rbacKinds...),
+			containers: []containerCheck{
+				{
+					name: "boxlite-csi",
+					want: []string{"- name: healthz", "containerPort: 9866"},
+					probes: map[string][]string{
+						"livenessProbe:": {
+							"port: healthz", "host: 127.0.0.1",
+							"initialDelaySeconds: 20", "periodSeconds: 15", "timeoutSeconds: 8", "failureThreshold: 4",
+						},
+						"readinessProbe:": {
+							"port: healthz", "host: 127.0.0.1",
+							"initialDelaySeconds: 3", "periodSeconds: 30", "timeoutSeconds: 5", "failureThreshold: 2",
+						},
+					},
+				},
+				{name: "liveness-probe", want: []string{"- --http-endpoint=127.0.0.1:9866", "- --probe-timeout=4s"}},
+				{
+					name: "node-driver-registrar",
+					want: []string{"- --http-endpoint=127.0.0.1:9867", "- name: registrar-hz", "containerPort: 9867"},
+					probes: map[string][]string{
+						"livenessProbe:": {
+							"port: registrar-hz", "initialDelaySeconds: 7", "periodSeconds: 10", "timeoutSeconds: 5", "failureThreshold: 5",
+						},
+					},
+				},
+			},
+		},
+		{
 			name:  "no memory limit, no GOMEMLIMIT",
 			args:  []string{"--set", "resources.limits=null"},
 			kinds: append([]string{"DaemonSet", "CSIDriver"}, rbacKinds...),
@@ -305,6 +345,14 @@ func TestHelmTemplate(t *testing.T) {
 				assertLines(t, where, cb, c.want, c.notWant)
 				if c.noLivenessProbe {
 					assertLines(t, where, cb, nil, []string{"livenessProbe", "readinessProbe"})
+				}
+				for probe, lines := range c.probes {
+					pb, ok := block(cb, probe)
+					if !ok {
+						t.Errorf("%s: no %s", where, probe)
+						continue
+					}
+					assertLines(t, where+" "+probe, pb, lines, nil)
 				}
 				vm, _ := block(cb, "volumeMounts:")
 				for mount, lines := range c.mounts {
@@ -393,6 +441,10 @@ func TestValuesRejected(t *testing.T) {
 		{name: "PodMonitor without metrics", values: "metrics:\n  podMonitor:\n    enabled: true\n", want: []string{"metrics.podMonitor.enabled needs metrics.enabled"}, byTemplate: true},
 		{name: "metrics port range", values: "metrics:\n  port: 70000\n", want: []string{"at '/metrics/port'"}},
 		{name: "toleration operator", values: "tolerations:\n  - operator: Maybe\n", want: []string{"at '/tolerations/0/operator'"}},
+		// The sidecar's key before it was renamed to livenessProbe.
+		{name: "old livenessprobe key", values: "livenessprobe:\n  enabled: false\n", want: []string{"additional properties 'livenessprobe' not allowed"}},
+		{name: "probe period zero", values: "readinessProbe:\n  periodSeconds: 0\n", want: []string{"at '/readinessProbe/periodSeconds'"}},
+		{name: "registrar port range", values: "registrar:\n  livenessProbe:\n    port: 0\n", want: []string{"at '/registrar/livenessProbe/port'"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -1,6 +1,6 @@
 {{/*
-Release-scoped name for namespaced and cluster-scoped objects; 63 characters
-is the label-value limit the name also ends up in.
+The release's name for the chart's objects, namespaced and cluster-scoped
+alike. It is cut to 63 characters, because it also ends up in a label value.
 */}}
 {{- define "boxlite-csi.fullname" -}}
 {{- if contains .Chart.Name .Release.Name -}}
@@ -26,25 +26,26 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- printf "%s:%s" .repository .tag -}}
 {{- end -}}
 
-{{/* The plugin socket directory on the host. */}}
+{{/* The directory on the host that holds the plugin's socket. */}}
 {{- define "boxlite-csi.pluginDir" -}}
 {{- printf "%s/plugins/%s" .Values.kubeletDir .Values.driverName -}}
 {{- end -}}
 
 {{/*
-Host address the health endpoints bind to: the node's loopback when the pod
-shares the node's network (nothing exposed off the node; kubelet probes
-127.0.0.1), every address of the pod's own namespace otherwise.
+The address the health endpoints listen on. When the pod shares the node's
+network this is 127.0.0.1, so the endpoints are not exposed outside the node
+(kubelet probes 127.0.0.1). Otherwise it is empty: every address in the
+pod's own network namespace.
 */}}
 {{- define "boxlite-csi.healthHost" -}}
 {{- if .Values.hostNetwork -}}127.0.0.1{{- end -}}
 {{- end -}}
 
 {{/*
-GOMEMLIMIT in bytes: goMemLimitPercent of resources.limits.memory, or
-nothing when either is unset. The schema limits the quantity to whole
-numbers with a binary or decimal suffix, which is what integer arithmetic
-here can do exactly.
+GOMEMLIMIT in bytes: goMemLimitPercent of resources.limits.memory. Empty
+when either is unset. The schema allows only whole numbers with a binary or
+decimal suffix for the limit, because integer arithmetic here computes
+exactly those.
 */}}
 {{- define "boxlite-csi.goMemLimit" -}}
 {{- $limit := "" -}}
@@ -61,8 +62,8 @@ here can do exactly.
 {{- end -}}
 
 {{/*
-Cross-field checks JSON Schema cannot express; included by the DaemonSet so
-they run on every install, template and lint.
+Checks that involve more than one value, which JSON Schema cannot express.
+The DaemonSet includes them, so they run on every install, template and lint.
 */}}
 {{- define "boxlite-csi.validate" -}}
 {{- if ge (float64 .Values.cache.lowWatermark) (float64 .Values.cache.highWatermark) -}}
@@ -77,9 +78,10 @@ they run on every install, template and lint.
 {{- end -}}
 
 {{/*
-Sidecars only talk to the plugin's socket (and the registrar writes its
-socket into plugins_registry), all as the images' root user on root-owned
-host directories: no capability or privilege is needed for that.
+The security context of every sidecar. A sidecar only talks to the plugin's
+socket (and the registrar puts its own socket in plugins_registry). It does
+so as the image's root user in root-owned host directories, which needs no
+capability and no privilege.
 */}}
 {{- define "boxlite-csi.sidecarSecurityContext" -}}
 allowPrivilegeEscalation: false
