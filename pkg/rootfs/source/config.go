@@ -13,8 +13,8 @@ type EnvVar struct {
 	Value string `json:"value"`
 }
 
-// Config is what a box needs from the image config. It is written into a
-// box manifest.
+// Config is what a box needs from the image config. The driver stores it
+// in the box's box.json record.
 type Config struct {
 	Env        []EnvVar `json:"env,omitempty"`
 	Entrypoint []string `json:"entrypoint,omitempty"`

@@ -22,8 +22,8 @@
 //     is matched against the org.opencontainers.image.ref.name annotation
 //     (or io.containerd.image.name) of the entries of index.json; with
 //     neither name nor digest the layout must hold exactly one entry. A
-//     digest may name any manifest or index blob in the layout, including a
-//     platform manifest nested in an index.
+//     digest may name any image manifest or index blob in the layout,
+//     including a platform manifest nested in an index.
 //   - "oci-archive:<file.tar>[:<name>|@<digest>]": a tar of an OCI layout,
 //     read in place (no extraction).
 //   - "docker-archive:<file.tar>[:<repo:tag>|@<digest>]": a `docker save`

@@ -65,11 +65,13 @@ func (e *PlatformNotFoundError) Error() string {
 	return fmt.Sprintf("no %s image in index %q; it offers %s", e.Want, truncate(e.Ref, maxRefInMessage), offers)
 }
 
-// ManifestTooLargeError is returned when a manifest, index or image config
-// is bigger than Options.MaxManifestBytes. It is detected before the
-// document is read whole.
+// ManifestTooLargeError is returned when a document that is read whole is
+// larger than Options.MaxManifestBytes. That is an image manifest, an
+// index, an image config, an OCI layout's index.json or oci-layout file, or
+// a docker-archive's manifest.json (its list of images). It is detected
+// before the document is read whole.
 type ManifestTooLargeError struct {
-	What  string // "manifest", "index", "image config", "index.json"…
+	What  string // such as "manifest", "index", "image config sha256:…", "index.json", "manifest.json"
 	Size  int64  // -1 if unknown (no Content-Length)
 	Limit int64
 }

@@ -11,6 +11,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
 // DefaultMaxManifestBytes is the default Options.MaxManifestBytes.
@@ -18,7 +19,7 @@ const DefaultMaxManifestBytes = 4 << 20
 
 // Options tune Resolve. The zero value is safe: HTTPS only with the
 // system's trusted CAs, credentials from the node's docker config if any,
-// platform linux/runtime.GOARCH, 4 MiB manifests.
+// platform linux/runtime.GOARCH, and a MaxManifestBytes of 4 MiB.
 type Options struct {
 	// PlainHTTP allows talking plain HTTP to the registry (HTTPS is still
 	// tried first). Without it every request is HTTPS, including to
@@ -43,8 +44,11 @@ type Options struct {
 	// InsecureSkipTLSVerify and RootCAs are not applied to it; PlainHTTP
 	// and MaxManifestBytes still are.
 	Transport http.RoundTripper
-	// MaxManifestBytes bounds manifests, indexes, index.json and image
-	// configs. Default DefaultMaxManifestBytes.
+	// MaxManifestBytes bounds each small document that is read whole:
+	// image manifests, indexes and image configs, an OCI layout's
+	// index.json and oci-layout files, and a docker-archive's manifest.json
+	// (its list of images, not an image manifest). Layers are not bounded.
+	// Default DefaultMaxManifestBytes.
 	MaxManifestBytes int64
 	// Transports, if set, pools connections across calls; without it each
 	// call gets its own transport. Ignored when Transport is set.
@@ -100,7 +104,7 @@ func (o *Options) roundTripper() http.RoundTripper {
 	default:
 		inner = newTLSTransport(o.InsecureSkipTLSVerify, o.RootCAs)
 	}
-	return &policyTransport{inner: inner, plainHTTP: o.PlainHTTP, maxManifest: o.MaxManifestBytes}
+	return &policyTransport{inner: inner, plainHTTP: o.PlainHTTP, maxBytes: o.MaxManifestBytes}
 }
 
 func baseTransport() *http.Transport {
@@ -177,9 +181,11 @@ func verifyChain(certs []*x509.Certificate, host string, extra *x509.CertPool) e
 	return &tls.CertificateVerificationError{UnverifiedCertificates: certs, Err: sysErr}
 }
 
-// policyTransport is the innermost transport: it refuses anything but
-// https:// unless plain HTTP is allowed, and refuses oversized manifests
-// before reading them.
+// policyTransport is the innermost transport. It refuses anything but
+// https:// unless plain HTTP is allowed. It also refuses an answer from
+// the registry's /manifests/ endpoint, which serves image manifests and
+// indexes, that is larger than maxBytes. It does so before reading more
+// than maxBytes+1 bytes of it.
 //
 // go-containerregistry pings localhost, 127.0.0.1 and RFC 1918 registries
 // over HTTPS and HTTP at once and then uses whichever answered; refusing
@@ -187,9 +193,9 @@ func verifyChain(certs []*x509.Certificate, host string, extra *x509.CertPool) e
 // ping are rewritten to the scheme the ping settled on, so they are HTTPS
 // too; other hosts (token servers, blob redirects) must be HTTPS.
 type policyTransport struct {
-	inner       http.RoundTripper
-	plainHTTP   bool
-	maxManifest int64
+	inner     http.RoundTripper
+	plainHTTP bool
+	maxBytes  int64 // Options.MaxManifestBytes
 }
 
 func (p *policyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
@@ -203,24 +209,30 @@ func (p *policyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if err != nil || req.Method != http.MethodGet || resp.StatusCode != http.StatusOK {
 		return resp, err
 	}
-	what := manifestKind(req.URL.Path)
+	what := manifestKind(req.URL.Path, resp.Header.Get("Content-Type"))
 	if what == "" {
 		return resp, nil
 	}
-	if resp.ContentLength > p.maxManifest {
+	if resp.ContentLength > p.maxBytes {
 		resp.Body.Close()
-		return nil, &ManifestTooLargeError{What: what, Size: resp.ContentLength, Limit: p.maxManifest}
+		return nil, &ManifestTooLargeError{What: what, Size: resp.ContentLength, Limit: p.maxBytes}
 	}
-	resp.Body = &limitBody{rc: resp.Body, left: p.maxManifest, err: &ManifestTooLargeError{What: what, Size: -1, Limit: p.maxManifest}}
+	resp.Body = &limitBody{rc: resp.Body, left: p.maxBytes, err: &ManifestTooLargeError{What: what, Size: -1, Limit: p.maxBytes}}
 	return resp, nil
 }
 
-// manifestKind returns "manifest" for /v2/<repo>/manifests/<ref> paths.
-func manifestKind(p string) string {
-	if strings.HasPrefix(p, "/v2/") && strings.Contains(p, "/manifests/") {
-		return "manifest"
+// manifestKind names the answer to a GET of path for messages. It returns
+// "" if path is not /v2/<repo>/manifests/<ref>. Otherwise it returns
+// "index" if contentType is an index type, and "manifest" if it is not:
+// an image manifest, or a type that is checked later.
+func manifestKind(path, contentType string) string {
+	if !strings.HasPrefix(path, "/v2/") || !strings.Contains(path, "/manifests/") {
+		return ""
 	}
-	return ""
+	if types.MediaType(contentType).IsIndex() {
+		return "index"
+	}
+	return "manifest"
 }
 
 // limitBody fails with err once more than left bytes have been read.

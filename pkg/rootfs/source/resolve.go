@@ -61,12 +61,13 @@ func (i *Image) Config() (Config, error) {
 // refused the same way.
 //
 // The config is fetched (bounded by MaxManifestBytes) so that Config does
-// not fail later. For a docker-archive the manifest is the one
-// go-containerregistry synthesises from manifest.json: when the archive
-// holds uncompressed layers (as `docker save` writes them) they are
-// gzipped to compute it, so resolving reads every layer once, and the
-// digest differs from the registry's copy of the same image. It is stable
-// for a given archive and go-containerregistry version.
+// not fail later. For a docker-archive, the image manifest is one that
+// go-containerregistry builds from the archive's manifest.json (its list
+// of images). When the archive holds uncompressed layers, as `docker save`
+// writes them, they are gzipped to compute it. So resolving reads every
+// layer once, and the digest differs from the registry's copy of the same
+// image. It is stable for a given archive and go-containerregistry
+// version.
 //
 // Errors name the reference; see IsNotFound, IsUnauthorized,
 // IsUnavailable and IsInvalidArgument for their classes.
