@@ -31,9 +31,9 @@ import (
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/source"
 )
 
-// Builder turns an image into a base disk. Its version is part of the
+// BaseBuilder turns an image into a base disk. Its version is part of the
 // cache key.
-type Builder interface {
+type BaseBuilder interface {
 	Version() string
 	// Usable reports whether the builder can run on this node (Probe).
 	Usable() error
@@ -49,7 +49,7 @@ type Driver struct {
 	cfg     Config
 	home    layout.Home
 	cache   *rootfs.Cache
-	builder Builder
+	builder BaseBuilder
 	mounter *syscallMounter
 	locks   *volumeLocks
 	// transports pools registry connections across CreateVolume and
@@ -63,7 +63,7 @@ type Driver struct {
 
 // New prepares the home, recovers state from disk and returns a driver
 // ready to Run.
-func New(ctx context.Context, cfg Config, builder Builder) (*Driver, error) {
+func New(ctx context.Context, cfg Config, builder BaseBuilder) (*Driver, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("driver config: %w", err)
 	}

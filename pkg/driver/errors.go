@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"syscall"
 
 	"google.golang.org/grpc/codes"
@@ -16,20 +17,20 @@ import (
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/source"
 )
 
-// stage says where an error happened, because the same failure means
-// different things to the CO: an image that does not exist is the user's
-// NotFound at CreateVolume, but a precondition failure at NodeStage, where
-// NotFound would claim the volume itself is gone.
-type stage int
+// service says which CSI service answers, because the same failure means
+// different things to the CO. An image that does not exist is the user's
+// NotFound at CreateVolume, but a failed precondition at NodeStage, where
+// NotFound would claim that the volume itself is gone.
+type service int
 
 const (
-	atController stage = iota
+	atController service = iota
 	atNode
 )
 
 // toStatus turns an internal error into the gRPC status the CO acts on.
 // Everything ends up with a deliberate code; nothing leaves as Unknown.
-func toStatus(err error, where stage) error {
+func toStatus(err error, where service) error {
 	if err == nil {
 		return nil
 	}
@@ -79,6 +80,26 @@ func toStatus(err error, where stage) error {
 	default:
 		return status.Error(codes.Internal, msg)
 	}
+}
+
+// nodeError is the answer of node call op on box when err stops it. An
+// error that is a status already names the volume and is passed on as it
+// is; wrapping it would print the status inside the message.
+func nodeError(op string, box layout.Box, err error) error {
+	if _, ok := err.(interface{ GRPCStatus() *status.Status }); ok {
+		return err
+	}
+	return toStatus(fmt.Errorf("%s %s: %w", op, box.ID(), err), atNode)
+}
+
+// manifestStatus maps a failure to read box.json. A missing box is
+// NotFound (the volume does not exist); anything else is the node's
+// problem.
+func manifestStatus(box layout.Box, err error) error {
+	if errors.Is(err, fs.ErrNotExist) {
+		return status.Errorf(codes.NotFound, "volume %s does not exist on this node", box.ID())
+	}
+	return status.Errorf(codes.Internal, "volume %s: %v", box.ID(), err)
 }
 
 func invalid(format string, args ...any) error {

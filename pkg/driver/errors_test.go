@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/ext4"
 )
@@ -22,7 +23,7 @@ func TestToStatus(t *testing.T) {
 	cases := []struct {
 		name  string
 		err   error
-		where stage
+		where service
 		code  codes.Code
 		msg   string
 	}{
@@ -46,5 +47,32 @@ func TestToStatus(t *testing.T) {
 	}
 	if toStatus(nil, atNode) != nil {
 		t.Error("nil error became a status")
+	}
+}
+
+// TestNodeError pins what node calls answer when a step fails. Before
+// node calls went through nodeError they answered Internal for every
+// failure; now a full disk is ResourceExhausted, as in CreateVolume.
+func TestNodeError(t *testing.T) {
+	box, err := layout.NewHome(t.TempDir(), layout.Config{}).Box("bx-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		err  error
+		code codes.Code
+		msg  string
+	}{
+		{"disk full", fmt.Errorf("mkdir /k/t: %w", syscall.ENOSPC), codes.ResourceExhausted, "NodeStageVolume bx-1: mkdir /k/t: no space left on device"},
+		{"status kept whole", status.Error(codes.FailedPrecondition, "volume bx-1 is not staged at /s"), codes.FailedPrecondition, "volume bx-1 is not staged at /s"},
+		{"anything else", errors.New("boom"), codes.Internal, "NodeStageVolume bx-1: boom"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, _ := status.FromError(nodeError("NodeStageVolume", box, tc.err))
+			if s.Code() != tc.code || s.Message() != tc.msg {
+				t.Errorf("got %v %q, want %v %q", s.Code(), s.Message(), tc.code, tc.msg)
+			}
+		})
 	}
 }

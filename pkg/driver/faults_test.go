@@ -491,10 +491,10 @@ func (fr *faultRegistry) setFault(f func(w http.ResponseWriter, r *http.Request,
 }
 
 // TestFaultRegistrySlow stalls the registry past the caller's deadline.
-// The answers are the code base's: a CreateVolume that ran out of time
-// created nothing and says Aborted (the client itself sees
-// DeadlineExceeded), and a NodeStage whose build is waiting on a layer
-// says Aborted, leaves the build running, and its retry joins it.
+// A CreateVolume that ran out of time created nothing and says Aborted
+// (a gRPC client may see its own DeadlineExceeded first). A NodeStage
+// whose build is waiting on a layer says Aborted, leaves the build
+// running, and its retry joins it.
 func TestFaultRegistrySlow(t *testing.T) {
 	needRoot(t)
 	fr := newFaultRegistry(t)
@@ -530,7 +530,11 @@ func TestFaultRegistrySlow(t *testing.T) {
 		short2, cancel2 := context.WithTimeout(ctx, 300*time.Millisecond)
 		defer cancel2()
 		_, err = p.controller().CreateVolume(short2, req)
-		wantStatus(t, "CreateVolume (gRPC client)", err, codes.DeadlineExceeded)
+		// The client's timer and the plugin's Aborted answer race each
+		// other: either may reach the client first, and both say "retry".
+		if c := status.Code(err); c != codes.DeadlineExceeded && c != codes.Aborted {
+			t.Errorf("CreateVolume (gRPC client): %v, want DeadlineExceeded or Aborted", err)
+		}
 		if n := dirEntries(t, p.d.home.BoxesDir()); len(n) != 0 {
 			t.Errorf("CreateVolume that ran out of time left %v", n)
 		}

@@ -58,7 +58,7 @@ func startPlugin(t testing.TB, dir string, cfg Config) *plugin {
 
 // startPluginWith is startPlugin with a builder of the test's choosing,
 // e.g. with small image limits.
-func startPluginWith(t testing.TB, dir string, cfg Config, builder Builder) *plugin {
+func startPluginWith(t testing.TB, dir string, cfg Config, builder BaseBuilder) *plugin {
 	t.Helper()
 	// Cleanups run last-in first-out: this check runs after p.stop below.
 	t.Cleanup(func() { assertNoMounts(t, dir) })
@@ -70,13 +70,17 @@ func startPluginWith(t testing.TB, dir string, cfg Config, builder Builder) *plu
 	}
 	p := &plugin{dir: dir, sock: strings.TrimPrefix(cfg.Endpoint, "unix://"), home: cfg.Home, d: d, cancel: cancel, done: make(chan error, 1)}
 	go func() { p.done <- d.Run(ctx) }()
+	// Ready, not just listening: the registration socket and the rest of
+	// Run come up after the CSI socket does.
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
 		if c, err := net.Dial("unix", p.sock); err == nil {
 			c.Close()
-			break
+			if d.isServing() {
+				break
+			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("plugin never listened on %s", p.sock)
+			t.Fatalf("plugin never became ready on %s", p.sock)
 		}
 	}
 	p.conn, err = grpc.NewClient("unix://"+p.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))

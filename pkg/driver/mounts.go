@@ -1,7 +1,10 @@
 package driver
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
+	"os"
 	"path/filepath"
 	"strings"
 
@@ -67,4 +70,72 @@ func readBoxMounts(box layout.Box) (boxMounts, error) {
 // within reports whether p is dir or below it.
 func within(p, dir string) bool {
 	return p == dir || strings.HasPrefix(p, strings.TrimSuffix(dir, "/")+"/")
+}
+
+// publishedElsewhere returns a mount of the box that is neither the
+// staging path nor the target (nor nested in them), if there is one.
+func publishedElsewhere(box layout.Box, staging, target string) (string, error) {
+	mounts, err := readBoxMounts(box)
+	if err != nil {
+		return "", err
+	}
+	for _, m := range mounts.outside {
+		if !within(m, staging) && !within(m, target) {
+			return m, nil
+		}
+	}
+	return "", nil
+}
+
+// bindOnce rbind-mounts src on target unless target is mounted already,
+// which is what makes NodeStage and NodePublish idempotent. A corrupted
+// mount (its source vanished) is replaced. For a read-only bind that is
+// already there it repairs the crash window between the bind and its
+// read-only remount, rather than confirm a writable bind.
+func (d *Driver) bindOnce(src, target string, readOnly bool) error {
+	mounted, err := d.mounter.isMountPoint(target)
+	switch {
+	case err != nil && !mount.IsCorruptedMnt(err):
+		return fmt.Errorf("check %s: %w", target, err)
+	case err == nil && mounted:
+		if readOnly {
+			return d.mounter.ensureReadOnly(target)
+		}
+		return nil
+	case err != nil:
+		_ = d.mounter.Unmount(target)
+	}
+	if err := os.MkdirAll(target, 0o750); err != nil {
+		return err
+	}
+	opts := []string{"rbind"}
+	if readOnly {
+		opts = append(opts, "ro")
+	}
+	return d.mounter.Mount(src, target, "", opts)
+}
+
+// unmount detaches whatever is mounted at p (a corrupted mount included)
+// and, if remove is set, removes the then-empty directory. A path that is
+// not mounted or does not exist is fine: kubelet retries these calls and
+// must never be told NotFound (kubernetes/kubernetes#90752).
+func (d *Driver) unmount(p string, remove bool) error {
+	mounted, err := d.mounter.isMountPoint(p)
+	switch {
+	case err != nil && mount.IsCorruptedMnt(err):
+		mounted = true
+	case err != nil:
+		return fmt.Errorf("check %s: %w", p, err)
+	}
+	if mounted {
+		if err := d.mounter.Unmount(p); err != nil && !errors.Is(err, unix.EINVAL) {
+			return err
+		}
+	}
+	if remove {
+		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove %s: %w", p, err)
+		}
+	}
+	return nil
 }

@@ -1,0 +1,341 @@
+package driver
+
+// Box lifecycle: a box is created whole with its box.json, staged
+// (overlay ready, base mounted read-only in place), released when nothing
+// shows it any more, and deleted. Every RPC that touches a box goes
+// through these functions, so each step has one implementation.
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"maps"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+
+	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
+	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
+	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/source"
+)
+
+const (
+	manifestName    = "box.json"
+	manifestVersion = 1
+	// maxBoxJSONBytes bounds what is read back from box.json, which a pod
+	// with the box mounted could have rewritten. (Image manifests have a
+	// limit of their own, source.Options.MaxManifestBytes.)
+	maxBoxJSONBytes = 1 << 20
+)
+
+// volumeIDForName derives the volume ID from the CreateVolume name, so a
+// retried CreateVolume finds its box by a stat, with no index to keep.
+func volumeIDForName(name string) string {
+	sum := sha256.Sum256([]byte(name))
+	return "bx-" + hex.EncodeToString(sum[:20])
+}
+
+// boxManifest is <box>/box.json. It records what the volume is, for three
+// readers: CreateVolume's idempotency check, re-staging after a restart,
+// and the runtime that boots the box (image config, virtual size, backing).
+type boxManifest struct {
+	Version  int    `json:"version"`
+	VolumeID string `json:"volumeID"`
+	// Name is the CreateVolume name; empty for inline ephemeral volumes.
+	Name      string            `json:"name,omitempty"`
+	Ephemeral bool              `json:"ephemeral,omitempty"`
+	Params    map[string]string `json:"parameters"`
+	Capacity  int64             `json:"capacityBytes"`
+
+	Image  string `json:"image"`
+	Digest string `json:"digest"`
+	Pinned string `json:"pinned"`
+	source.Config
+
+	VirtualSize uint64 `json:"virtualSize,omitempty"`
+	Backing     string `json:"backing,omitempty"`
+}
+
+// sameVolume reports whether a repeated CreateVolume asks for the volume
+// this manifest records.
+func (m *boxManifest) sameVolume(name string, params map[string]string, capacity int64) bool {
+	return m.Name == name && maps.Equal(m.Params, params) && m.Capacity == capacity
+}
+
+// newManifest resolves the image the parameters name and returns the
+// manifest of a new box for it. The caller fills in name and capacity.
+func (d *Driver) newManifest(ctx context.Context, id string, p volumeParams, params, secrets map[string]string) (*boxManifest, error) {
+	rctx, cancel := context.WithTimeout(ctx, resolveTimeout)
+	defer cancel()
+	img, err := d.resolve(rctx, p, secrets)
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := img.Config()
+	if err != nil {
+		return nil, err
+	}
+	return &boxManifest{
+		Version:  manifestVersion,
+		VolumeID: id,
+		Params:   userParams(params),
+		Image:    p.Image,
+		Digest:   img.Digest.String(),
+		Pinned:   img.Pinned,
+		Config:   cfg,
+	}, nil
+}
+
+func readManifest(box layout.Box) (*boxManifest, error) {
+	p := box.ManifestPath()
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxBoxJSONBytes+1))
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", p, err)
+	}
+	if len(b) > maxBoxJSONBytes {
+		return nil, fmt.Errorf("%s is larger than %d bytes", p, maxBoxJSONBytes)
+	}
+	var m boxManifest
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("parse %s: %w", p, err)
+	}
+	if m.VolumeID != box.ID() {
+		return nil, fmt.Errorf("%s belongs to volume %q, not %q", p, m.VolumeID, box.ID())
+	}
+	return &m, nil
+}
+
+// writeManifest replaces dir/box.json atomically: after a crash it is the
+// old or the new version, never a mix. The data is written out with
+// sync_file_range before the rename, so no journal commit can publish the
+// name over unwritten data. It is not made durable here, for two reasons.
+// NodeStage re-derives what it rewrites (virtual size, backing). And
+// createBox makes a new box durable with one fsync of boxes/, whose commit
+// carries the manifest, its directory and the rename together.
+func writeManifest(dir string, m *boxManifest) error {
+	b, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return err
+	}
+	b = append(b, '\n')
+	f, err := os.CreateTemp(dir, "."+manifestName+".tmp*")
+	if err != nil {
+		return fmt.Errorf("write box manifest in %s: %w", dir, err)
+	}
+	defer os.Remove(f.Name())
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Chmod(0o644)
+	}
+	if err == nil {
+		err = unix.SyncFileRange(int(f.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("write %s: %w", f.Name(), err)
+	}
+	final := filepath.Join(dir, manifestName)
+	if err := os.Rename(f.Name(), final); err != nil {
+		return fmt.Errorf("install %s: %w", final, err)
+	}
+	return nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", dir, err)
+	}
+	return nil
+}
+
+// createBox makes the box directory with its manifest in one rename, so a
+// box either exists complete or not at all. The staging directory has a
+// dot-name, which recovery removes after a crash.
+func createBox(home layout.Home, box layout.Box, m *boxManifest) error {
+	tmp, err := os.MkdirTemp(home.BoxesDir(), "."+box.ID()+".new-")
+	if err != nil {
+		return fmt.Errorf("create box %s: %w", box.Root(), err)
+	}
+	defer os.RemoveAll(tmp)
+	if err := writeManifest(tmp, m); err != nil {
+		return err
+	}
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, box.Root()); err != nil {
+		if errors.Is(err, fs.ErrExist) || errors.Is(err, syscall.ENOTEMPTY) {
+			return fmt.Errorf("create box %s: %w", box.Root(), fs.ErrExist)
+		}
+		return fmt.Errorf("create box %s: %w", box.Root(), err)
+	}
+	return syncDir(home.BoxesDir())
+}
+
+// ensureEphemeralBox does CreateVolume's work for an inline ephemeral
+// volume, whose image comes in the volume attributes: it returns the
+// box's manifest, creating the box on the first publish.
+func (d *Driver) ensureEphemeralBox(ctx context.Context, box layout.Box, attrs, secrets map[string]string) (*boxManifest, error) {
+	params, err := parseParams(attrs)
+	if err != nil {
+		return nil, fmt.Errorf("inline volume %s: %w", box.ID(), err)
+	}
+	m, err := readManifest(box)
+	switch {
+	case err == nil:
+		if !m.Ephemeral || m.Image != params.Image {
+			return nil, status.Errorf(codes.AlreadyExists, "volume %s exists for image %q (ephemeral %v), not inline image %q", box.ID(), m.Image, m.Ephemeral, params.Image)
+		}
+		return m, nil
+	case !errors.Is(err, fs.ErrNotExist):
+		return nil, manifestStatus(box, err)
+	}
+	if m, err = d.newManifest(ctx, box.ID(), params, attrs, secrets); err != nil {
+		return nil, fmt.Errorf("inline volume %s: %w", box.ID(), err)
+	}
+	m.Ephemeral = true
+	if err := createBox(d.home, box, m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// stageBox makes the box ready to boot: the overlay created or reused by
+// the seed rules, the base bind-mounted read-only in place, and box.json
+// complete.
+func (d *Driver) stageBox(ctx context.Context, box layout.Box, m *boxManifest, secrets map[string]string) (rootfs.BoxDisk, error) {
+	params, err := parseParams(m.Params)
+	if err != nil {
+		return rootfs.BoxDisk{}, fmt.Errorf("volume %s: box.json parameters: %w", box.ID(), err)
+	}
+	// The overlay metric leaves out the wait for the base, which has
+	// metrics of its own, so that it shows the cost of the overlay alone.
+	var baseWait time.Duration
+	start := time.Now()
+	disk, err := rootfs.PrepareBox(ctx, box, func(ctx context.Context) (rootfs.Base, error) {
+		t := time.Now()
+		defer func() { baseWait += time.Since(t) }()
+		return d.ensureBase(ctx, m, params, secrets)
+	}, uint64(max(m.Capacity, 0)))
+	if err != nil {
+		return disk, err
+	}
+	if disk.Outcome != rootfs.Reused {
+		d.cfg.Metrics.ObserveOverlay(string(disk.Outcome), time.Since(start)-baseWait)
+	}
+	if err := d.mountBaseReadOnly(box); err != nil {
+		return disk, fmt.Errorf("volume %s: %w", box.ID(), err)
+	}
+	if m.VirtualSize != disk.VirtualSize || m.Backing != box.BackingName() {
+		m.VirtualSize, m.Backing = disk.VirtualSize, box.BackingName()
+		if err := writeManifest(box.Root(), m); err != nil {
+			return disk, err
+		}
+	}
+	return disk, nil
+}
+
+// mountBaseReadOnly bind-mounts the box's base link read-only onto itself.
+// The base is shared by every box, so inside a pod it must be read-only
+// even to root, which file modes cannot promise but a mount can.
+func (d *Driver) mountBaseReadOnly(box layout.Box) error {
+	mounted, err := d.mounter.isMountPoint(box.BasePath())
+	switch {
+	case err != nil:
+		return fmt.Errorf("check %s: %w", box.BasePath(), err)
+	case !mounted:
+		return d.mounter.Mount(box.BasePath(), box.BasePath(), "", []string{"bind", "ro"})
+	default:
+		// A crash between Mount's bind and its read-only remount left the
+		// shared base writable; a retried stage must not accept that.
+		return d.mounter.ensureReadOnly(box.BasePath())
+	}
+}
+
+// releaseBase drops the box's read-only base mount once nothing outside
+// the box shows it, so that an unstaged volume leaves no mounts behind.
+func (d *Driver) releaseBase(box layout.Box) error {
+	if _, err := os.Stat(box.Root()); errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	mounts, err := readBoxMounts(box)
+	if err != nil {
+		return err
+	}
+	if mounts.baseMounted && len(mounts.outside) == 0 {
+		return d.mounter.Unmount(box.BasePath())
+	}
+	return nil
+}
+
+// deleteBox removes a box that nothing mounts any more. Its base link goes
+// with it, which is what makes the base eligible for eviction.
+func (d *Driver) deleteBox(ctx context.Context, box layout.Box) error {
+	if err := unix.Lstat(box.Root(), new(unix.Stat_t)); errors.Is(err, unix.ENOENT) {
+		return nil
+	}
+	mounts, err := readBoxMounts(box)
+	if err != nil {
+		return fmt.Errorf("volume %s: %w", box.ID(), err)
+	}
+	if len(mounts.outside) > 0 {
+		return status.Errorf(codes.FailedPrecondition, "volume %s is still mounted at %v", box.ID(), mounts.outside)
+	}
+	if mounts.baseMounted {
+		if err := d.mounter.Unmount(box.BasePath()); err != nil {
+			return fmt.Errorf("volume %s: %w", box.ID(), err)
+		}
+	}
+	if err := removeBox(d.home, box); err != nil {
+		return err
+	}
+	klog.FromContext(ctx).Info("Deleted volume", "volume", box.ID())
+	return nil
+}
+
+// removeBox deletes a box directory that has no mounts left. It is first
+// renamed to a dot-name, so that a crash halfway leaves something recovery
+// removes, rather than a half-deleted box that still looks like a volume.
+func removeBox(home layout.Home, box layout.Box) error {
+	doomed := filepath.Join(home.BoxesDir(), "."+box.ID()+".deleting")
+	// Debris of an earlier interrupted delete would block the rename.
+	if err := os.RemoveAll(doomed); err != nil {
+		return fmt.Errorf("remove box %s: %w", doomed, err)
+	}
+	if err := os.Rename(box.Root(), doomed); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return fmt.Errorf("remove box %s: %w", box.Root(), err)
+	}
+	if err := syncDir(home.BoxesDir()); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(doomed); err != nil {
+		return fmt.Errorf("remove box %s: %w", doomed, err)
+	}
+	return nil
+}
