@@ -58,15 +58,11 @@ func VerifyOverlay(box layout.Box) (*qcow2.Header, error) {
 	return qcow2.Verify(box.GuestRootfsDiskPath(), OverlayExpect(box))
 }
 
-// PrepareBox creates the box directories and creates or reuses the box's
-// guest-rootfs overlay over base, following upstream's reuse rules:
-//
-//   - no overlay: link the base into the box and create one;
-//   - valid header naming ../base/rootfs.ext4, which exists: reuse as is;
-//   - that backing missing: error naming both; the overlay is kept;
-//   - corrupt header: warn, delete, recreate from the base;
-//   - I/O error reading it: error, nothing deleted;
-//   - a header naming any other backing (tampered): error, never followed.
+// PrepareBox creates the box directories, then creates the box's
+// guest-rootfs overlay over base or reuses the one it has. Whether an
+// existing overlay is reused, refused or recreated follows upstream's
+// reuse rules, which the README lists ("Reuse rules for an existing
+// overlay"); the switch below is that list, case by case.
 //
 // The base is hard-linked rather than referenced by an absolute path, so
 // the box is self-contained (the chain resolves inside a pod that sees only
