@@ -76,7 +76,7 @@ func (b *Ext4Builder) Build(ctx context.Context, img v1.Image, out *os.File) err
 	if err != nil {
 		return fmt.Errorf("list layers: %w", err)
 	}
-	w, err := ext4.NewBuilder(out, opts)
+	w, err := ext4.NewWriter(out, opts)
 	if err != nil {
 		return err
 	}
@@ -199,7 +199,7 @@ func (s *layerStream) fetch(ctx context.Context, l v1.Layer) error {
 
 // applyTo feeds the stream to w, then reports the stream's own verdict:
 // a layer counts only once its digest is verified.
-func (s *layerStream) applyTo(ctx context.Context, w *ext4.Builder) error {
+func (s *layerStream) applyTo(ctx context.Context, w *ext4.Writer) error {
 	r := &chunkReader{in: s.chunks, free: s.free}
 	err := w.ApplyLayer(ctx, tar.NewReader(r))
 	if err == nil {

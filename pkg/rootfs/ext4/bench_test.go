@@ -103,7 +103,7 @@ func buildFromTar(tb testing.TB, tarball []byte, img string) Stats {
 		tb.Fatal(err)
 	}
 	defer f.Close()
-	b, err := NewBuilder(f, Options{Headroom: benchHeadroom})
+	b, err := NewWriter(f, Options{Headroom: benchHeadroom})
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -117,7 +117,7 @@ func buildFromTar(tb testing.TB, tarball []byte, img string) Stats {
 	return st
 }
 
-// BenchmarkBuild measures the streaming builder on ~100 MB in 3000 files.
+// BenchmarkBuild measures the streaming writer on ~100 MB in 3000 files.
 func BenchmarkBuild(b *testing.B) {
 	tarball, content := benchTree(b, benchFiles, benchBytes)
 	dir := b.TempDir()
@@ -134,7 +134,7 @@ func BenchmarkBuild(b *testing.B) {
 
 // BenchmarkMkfsExtract measures the classic pipeline on the same tree:
 // tar -x into a directory, then mkfs.ext4 -d, for a filesystem of the size
-// the builder produces. The tree is extracted to the test's temporary
+// the writer produces. The tree is extracted to the test's temporary
 // directory (disk) and, when /dev/shm exists, to tmpfs, which takes the
 // extraction's file-creation cost on the disk filesystem out of the picture.
 func BenchmarkMkfsExtract(b *testing.B) {

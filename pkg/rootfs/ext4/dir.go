@@ -9,115 +9,135 @@ type dirent struct {
 }
 
 const (
-	direntHead = 8 // inode, rec_len, name_len, file_type
-	// dirTailSize is the fake entry at the end of every directory block that
-	// carries the block's checksum under metadata_csum.
-	dirTailSize     = 12
-	dirTailFileType = 0xDE
-	dirUsable       = blockSize - dirTailSize
+	// dirUsable is the space for entries in a directory block, in front of
+	// the checksum tail.
+	dirUsable = blockSize - dirTailSize
 	// lostFoundBlocks pre-sizes lost+found like mke2fs does, so that e2fsck
 	// can reconnect orphans without allocating.
 	lostFoundBlocks = 4
 )
 
-func direntSize(nameLen int) int { return (direntHead + nameLen + 3) &^ 3 }
+// direntSize is the size of an entry with a name of nameLen bytes, rounded
+// up to 4 bytes.
+func direntSize(nameLen int) int { return (deName + nameLen + 3) &^ 3 }
 
-// fileType is the directory-entry type code (the filetype feature).
+// fileType is the file_type code of a directory entry for an inode of the
+// given mode (the filetype feature).
 func fileType(mode uint16) uint8 {
 	switch mode & sIFMT {
 	case sIFREG:
-		return 1
+		return ext4FTRegFile
 	case sIFDIR:
-		return 2
+		return ext4FTDir
 	case sIFCHR:
-		return 3
+		return ext4FTChrdev
 	case sIFBLK:
-		return 4
+		return ext4FTBlkdev
 	case sIFIFO:
-		return 5
+		return ext4FTFifo
 	case sIFSOCK:
-		return 6
+		return ext4FTSock
 	case sIFLNK:
-		return 7
+		return ext4FTSymlink
 	}
-	return 0
+	return ext4FTUnknown
 }
 
-// dirBlocks encodes a linear directory: ".", "..", then the entries in
-// order, never splitting an entry across blocks, each block's last entry
-// stretched to the checksum tail. The result has at least minBlocks blocks;
-// extra blocks hold a single empty entry. With emit == nil only the block
-// count is computed. self and parent are inode numbers; emit receives the
-// logical block index and its bytes.
+// dirBlocks encodes a linear directory and returns its number of blocks.
+// The entries are ".", "..", then entries in order. An entry never
+// straddles two blocks, and the last entry of each block is stretched up
+// to the checksum tail. The directory has at least minBlocks blocks, and
+// the extra ones hold a single unused entry. self and parent are inode
+// numbers. emit receives each block with its logical index. With
+// emit == nil, the blocks are only counted.
 func (c checksummer) dirBlocks(self, parent uint32, entries []dirent, minBlocks int, emit func(i int, b []byte) error) (int, error) {
-	le := binary.LittleEndian
-	seed := c.inodeSeed(self)
-	var (
-		b       []byte
-		count   int
-		pos     int
-		lastPos int
-	)
-	finish := func() error {
-		if emit != nil {
-			le.PutUint16(b[lastPos+4:], uint16(dirUsable-lastPos))
-			t := b[dirUsable:]
-			le.PutUint16(t[4:], dirTailSize)
-			t[7] = dirTailFileType
-			le.PutUint32(t[8:], c.sum(seed, b[:dirUsable]))
-			if err := emit(count, b); err != nil {
-				return err
-			}
-		}
-		count++
-		pos = 0
-		return nil
-	}
-	add := func(ino uint32, name string, ft uint8) error {
-		size := direntSize(len(name))
-		if pos+size > dirUsable {
-			if err := finish(); err != nil {
-				return err
-			}
-		}
-		if pos == 0 && emit != nil {
-			b = make([]byte, blockSize)
-		}
-		if emit != nil {
-			e := b[pos:]
-			le.PutUint32(e[0:], ino)
-			le.PutUint16(e[4:], uint16(size))
-			e[6] = uint8(len(name))
-			e[7] = ft
-			copy(e[direntHead:], name)
-		}
-		lastPos = pos
-		pos += size
-		return nil
-	}
-	if err := add(self, ".", fileType(sIFDIR)); err != nil {
+	d := &dirEncoder{csum: c, seed: c.inodeSeed(self), emit: emit}
+	if err := d.add(self, ".", ext4FTDir); err != nil {
 		return 0, err
 	}
-	if err := add(parent, "..", fileType(sIFDIR)); err != nil {
+	if err := d.add(parent, "..", ext4FTDir); err != nil {
 		return 0, err
 	}
 	for _, e := range entries {
-		if err := add(e.inode.num, e.name, fileType(e.inode.mode)); err != nil {
+		if err := d.add(e.inode.num, e.name, fileType(e.inode.mode)); err != nil {
 			return 0, err
 		}
 	}
-	if err := finish(); err != nil {
+	if err := d.endBlock(); err != nil {
 		return 0, err
 	}
-	for count < minBlocks {
-		// An unused entry (inode 0) spanning the whole block.
-		if emit != nil {
-			b = make([]byte, blockSize)
-		}
-		lastPos = 0
-		if err := finish(); err != nil {
+	for d.count < minBlocks {
+		// An unused entry (inode 0) that spans the whole block.
+		d.newBlock()
+		if err := d.endBlock(); err != nil {
 			return 0, err
 		}
 	}
-	return count, nil
+	return d.count, nil
+}
+
+// dirEncoder fills directory blocks with entries, one block at a time.
+type dirEncoder struct {
+	csum    checksummer
+	seed    uint32                      // checksum seed of the directory inode
+	emit    func(i int, b []byte) error // nil when only counting blocks
+	b       []byte                      // the block being filled, if emit is set
+	count   int                         // blocks completed so far
+	pos     int                         // where the next entry goes in b
+	lastPos int                         // where the last entry in b starts
+}
+
+// add appends an entry, starting a new block when it does not fit in the
+// current one.
+func (d *dirEncoder) add(ino uint32, name string, ft uint8) error {
+	size := direntSize(len(name))
+	if d.pos+size > dirUsable {
+		if err := d.endBlock(); err != nil {
+			return err
+		}
+	}
+	if d.pos == 0 {
+		d.newBlock()
+	}
+	if d.emit != nil {
+		e := d.b[d.pos:]
+		le := binary.LittleEndian
+		le.PutUint32(e[deInode:], ino)
+		le.PutUint16(e[deRecLen:], uint16(size))
+		e[deNameLen] = uint8(len(name))
+		e[deFileType] = ft
+		copy(e[deName:], name)
+	}
+	d.lastPos = d.pos
+	d.pos += size
+	return nil
+}
+
+// newBlock starts an empty block. Until add writes an entry at offset 0,
+// the block holds one unused entry (inode 0) there.
+func (d *dirEncoder) newBlock() {
+	if d.emit != nil {
+		d.b = make([]byte, blockSize)
+	}
+	d.lastPos = 0
+}
+
+// endBlock completes the current block and passes it to emit. The last
+// entry's rec_len is stretched to the checksum tail, and the tail gets the
+// block's checksum.
+func (d *dirEncoder) endBlock() error {
+	if d.emit != nil {
+		le := binary.LittleEndian
+		le.PutUint16(d.b[d.lastPos+deRecLen:], uint16(dirUsable-d.lastPos))
+		t := d.b[dirUsable:]
+		le.PutUint16(t[detRecLen:], dirTailSize)
+		t[detReservedFt] = ext4FTDirCsum
+		le.PutUint32(t[detChecksum:], d.csum.sum(d.seed, d.b[:dirUsable]))
+		if err := d.emit(d.count, d.b); err != nil {
+			return err
+		}
+	}
+	d.count++
+	d.pos = 0
+	return nil
 }

@@ -9,92 +9,62 @@ import (
 	"slices"
 )
 
-const (
-	lostFound = "lost+found"
-	// bytesPerInode is mke2fs's default inode ratio, applied to the space
-	// left for the guest.
-	bytesPerInode = 16384
-	// minSpareInodes is the least number of free inodes in any image.
-	minSpareInodes = 16384
-	maxInodes      = 1 << 31
-	// maxInodesPerGroup is what one inode bitmap block can track.
-	maxInodesPerGroup = 8 * blockSize
-	// sizeAlign rounds the image to 1 MiB.
-	sizeAlign = 256
-)
-
-// run is a range of blocks.
-type run struct{ start, n uint64 }
-
-// geometry is the final shape of the filesystem.
-type geometry struct {
-	groups         uint64
-	inodesPerGroup uint64
-	itableBlocks   uint64 // per group
-	gdtBlocks      uint64
-	totalBlocks    uint64
-	end            uint64 // first block after everything allocated
-	blockBitmap    []uint64
-	inodeBitmap    []uint64
-	inodeTable     []uint64
-	runs           []run // blocks allocated by Finish
-}
-
 // Finish writes all metadata and gives the file its final size. The image
 // is complete when it returns without error.
-func (b *Builder) Finish(ctx context.Context) (Stats, error) {
-	if err := b.usable(); err != nil {
+func (w *Writer) Finish(ctx context.Context) (Stats, error) {
+	if err := w.usable(); err != nil {
 		return Stats{}, err
 	}
-	b.finished = true
-	st, err := b.finish(ctx)
-	return st, b.fail(err)
+	w.finished = true
+	st, err := w.finish(ctx)
+	return st, w.fail(err)
 }
 
-func (b *Builder) finish(ctx context.Context) (Stats, error) {
-	if err := b.releaseFreed(); err != nil {
+func (w *Writer) finish(ctx context.Context) (Stats, error) {
+	if err := w.releaseFreed(); err != nil {
 		return Stats{}, err
 	}
-	root := b.tree.root
+	root := w.tree.root
 	if root.children[lostFound] == nil {
-		in := b.tree.implicitDir()
+		in := w.tree.implicitDir()
 		in.mode = sIFDIR | 0o700
-		if _, err := b.tree.add(root, lostFound, in); err != nil {
+		if _, err := w.tree.add(root, lostFound, in); err != nil {
 			return Stats{}, err
 		}
 	}
-	inodes := b.numberInodes()
-	xblocks := b.prepareXattrs(inodes)
-	journal := &inode{mode: sIFREG | 0o600, num: journalIno, nlink: 1, atime: b.now, mtime: b.now, ctime: b.now}
+	inodes := w.numberInodes()
+	w.sizeInodes(inodes)
+	xblocks := w.prepareXattrs(inodes)
+	journal := &inode{mode: sIFREG | 0o600, num: journalIno, nlink: 1, atime: w.now, mtime: w.now, ctime: w.now}
 	if err := ctx.Err(); err != nil {
 		return Stats{}, err
 	}
-	g, err := b.layout(inodes, xblocks, journal)
+	g, err := w.planGeometry(inodes, xblocks, journal)
 	if err != nil {
 		return Stats{}, err
 	}
-	if err := b.writeMetadata(ctx, g, inodes, xblocks, journal); err != nil {
+	if err := w.writeMetadata(ctx, g, inodes, xblocks, journal); err != nil {
 		return Stats{}, err
 	}
-	if err := b.f.Truncate(int64(g.totalBlocks) * blockSize); err != nil {
+	if err := w.f.Truncate(int64(g.totalBlocks) * blockSize); err != nil {
 		return Stats{}, fmt.Errorf("ext4: sizing image: %w", err)
 	}
-	st := b.stats
+	st := w.stats
 	st.ImageBytes = int64(g.totalBlocks) * blockSize
 	st.Inodes = int64(len(inodes) - 1)
 	st.FreeInodes = int64(g.groups*g.inodesPerGroup) - st.Inodes
 	for grp := range g.groups {
-		st.FreeBytes += int64(blocksPerGroup-b.usedInGroup(grp)) * blockSize
+		st.FreeBytes += int64(blocksPerGroup-w.usedInGroup(grp)) * blockSize
 	}
 	return st, nil
 }
 
-// numberInodes assigns inode numbers in depth-first name order, so that the
-// inodes of one directory's entries are neighbours in the inode table, and
-// fills in what Finish needs per inode. The result is indexed by inode
-// number; reserved numbers other than the root are nil.
-func (b *Builder) numberInodes() []*inode {
-	root := b.tree.root
+// numberInodes assigns inode numbers in depth-first name order, so that
+// the inodes of one directory's entries are neighbours in the inode table.
+// The result is indexed by inode number. Reserved numbers other than the
+// root's are nil.
+func (w *Writer) numberInodes() []*inode {
+	root := w.tree.root
 	inodes := make([]*inode, firstIno)
 	inodes[rootIno] = root.inode
 	root.inode.num, root.inode.parentNum = rootIno, rootIno
@@ -106,32 +76,48 @@ func (b *Builder) numberInodes() []*inode {
 	for len(stack) > 0 {
 		n := stack[len(stack)-1]
 		stack = stack[:len(stack)-1]
-		dir := n.inode
 		names := slices.Sorted(maps.Keys(n.children))
-		dir.entries = make([]dirent, len(names))
-		subdirs := uint32(0)
-		for i, name := range names {
-			c := n.children[name].inode
-			if c.num == 0 {
-				c.num = uint32(len(inodes))
-				inodes = append(inodes, c)
-			}
-			dir.entries[i] = dirent{name: name, inode: c}
-			if c.isDir() {
-				c.parentNum = dir.num
-				subdirs++
-			}
-		}
-		dir.nlink = 2 + subdirs
-		if dir.nlink > maxLinks {
-			dir.nlink = 1 // dir_nlink: "many"
-		}
+		inodes = numberEntries(n, names, inodes)
+		// Push in reverse so that subdirectories are visited in name order.
 		for i := len(names) - 1; i >= 0; i-- {
 			if c := n.children[names[i]]; c.inode.isDir() {
 				stack = append(stack, c)
 			}
 		}
 	}
+	return inodes
+}
+
+// numberEntries gives the next free numbers to the children of directory n
+// that have none yet, and appends them to inodes. A hard link to an inode
+// numbered earlier keeps that number. It also fills in n's entries (in the
+// order of names), the parent of each subdirectory and n's link count.
+func numberEntries(n *node, names []string, inodes []*inode) []*inode {
+	dir := n.inode
+	dir.entries = make([]dirent, len(names))
+	subdirs := uint32(0)
+	for i, name := range names {
+		c := n.children[name].inode
+		if c.num == 0 {
+			c.num = uint32(len(inodes))
+			inodes = append(inodes, c)
+		}
+		dir.entries[i] = dirent{name: name, inode: c}
+		if c.isDir() {
+			c.parentNum = dir.num
+			subdirs++
+		}
+	}
+	dir.nlink = 2 + subdirs
+	if dir.nlink > maxLinks {
+		dir.nlink = 1 // with dir_nlink, 1 means "too many to count"
+	}
+	return inodes
+}
+
+// sizeInodes sets the number of data blocks, the size and the final link
+// count of every numbered inode, and counts them by type for Stats.
+func (w *Writer) sizeInodes(inodes []*inode) {
 	for _, in := range inodes {
 		if in == nil {
 			continue
@@ -142,35 +128,35 @@ func (b *Builder) numberInodes() []*inode {
 			if in.num == lostFoundIno {
 				minBlocks = lostFoundBlocks
 			}
-			count, _ := b.csum.dirBlocks(in.num, in.parentNum, in.entries, minBlocks, nil)
+			count, _ := w.csum.dirBlocks(in.num, in.parentNum, in.entries, minBlocks, nil)
 			in.dataBlocks = uint64(count)
 			in.size = in.dataBlocks * blockSize
-			b.stats.Dirs++
+			w.stats.Dirs++
 		case sIFREG:
 			for _, e := range in.extents {
 				in.dataBlocks += uint64(e.length)
 			}
-			b.stats.Files++
-			b.stats.DataBytes += int64(in.size)
+			w.stats.Files++
+			w.stats.DataBytes += int64(in.size)
 		case sIFLNK:
 			if len(in.target) > fastSymlinkMax {
 				in.dataBlocks = 1
 			}
-			b.stats.Symlinks++
+			w.stats.Symlinks++
 		default:
-			b.stats.Specials++
+			w.stats.Specials++
 		}
 		if !in.isDir() {
 			in.nlink = in.links
-			b.stats.HardLinks += int64(in.links - 1)
+			w.stats.HardLinks += int64(in.links - 1)
 		}
 	}
-	return inodes
 }
 
 // prepareXattrs splits every inode's attributes between the inode body and
-// an external block. Identical blocks are shared, as the kernel does.
-func (b *Builder) prepareXattrs(inodes []*inode) []*xattrBlock {
+// an external block. Inodes with identical blocks share one, as the kernel
+// does.
+func (w *Writer) prepareXattrs(inodes []*inode) []*xattrBlock {
 	var blocks []*xattrBlock
 	shared := map[string]*xattrBlock{}
 	for _, in := range inodes {
@@ -195,120 +181,21 @@ func (b *Builder) prepareXattrs(inodes []*inode) []*xattrBlock {
 	return blocks
 }
 
-// layout finds the group count at which everything fits: metadata size
-// depends on the group count, which depends on the total size. It only
-// grows, so the loop ends after a step or two.
-func (b *Builder) layout(inodes []*inode, xblocks []*xattrBlock, journal *inode) (*geometry, error) {
-	used := uint64(len(inodes) - 1)
-	space := uint64(max(b.opts.Headroom, b.opts.MinSize))
-	wantInodes := min(used+max(used/4, minSpareInodes, space/bytesPerInode), maxInodes)
-	headroom := ceilDiv(uint64(b.opts.Headroom), blockSize) + uint64(float64(b.alloc.next)*b.opts.HeadroomRatio)
-	minBlocks := ceilDiv(uint64(b.opts.MinSize), blockSize)
-	maxGroups := (b.alloc.skip - 1) * descsPerBlock
-	groups := max(1, ceilDiv(b.alloc.next+headroom, blocksPerGroup), ceilDiv(wantInodes, maxInodesPerGroup))
-	for {
-		if groups > maxGroups {
-			return nil, fmt.Errorf("ext4: image needs %d block groups, more than the %d the limits reserved", groups, maxGroups)
-		}
-		g := b.tryLayout(groups, wantInodes, journalBlocks(max(b.alloc.next+headroom, minBlocks)), inodes, xblocks, journal)
-		total := max(g.end+headroom, minBlocks)
-		total = ceilDiv(total, sizeAlign) * sizeAlign
-		if need := ceilDiv(total, blocksPerGroup); need > groups {
-			groups = need
-			continue
-		}
-		// The group count may have been overshot by a previous round: the
-		// last group must exist, and be big enough to hold its backup
-		// superblock area and some space.
-		total = max(total, (groups-1)*blocksPerGroup+1)
-		minLast := uint64(sizeAlign)
-		if isBackupGroup(groups - 1) {
-			minLast += b.alloc.skip
-		}
-		if last := total - (groups-1)*blocksPerGroup; last < minLast {
-			total += minLast - last
-		}
-		g.totalBlocks = total
-		return g, nil
-	}
-}
-
-// tryLayout places all metadata after the data for a given group count.
-// It works on a copy of the allocation cursor, so it can be repeated.
-func (b *Builder) tryLayout(groups, wantInodes, journalSize uint64, inodes []*inode, xblocks []*xattrBlock, journal *inode) *geometry {
-	c := b.alloc
-	g := &geometry{groups: groups, gdtBlocks: ceilDiv(groups, descsPerBlock)}
-	g.inodesPerGroup = ceilDiv(ceilDiv(wantInodes, groups), inodesPerBlock) * inodesPerBlock
-	g.itableBlocks = g.inodesPerGroup / inodesPerBlock
-	mark := func(start, n uint64) {
-		if k := len(g.runs); k > 0 && g.runs[k-1].start+g.runs[k-1].n == start {
-			g.runs[k-1].n += n
-			return
-		}
-		g.runs = append(g.runs, run{start, n})
-	}
-	contig := func(n uint64) uint64 {
-		start := c.takeContig(n)
-		mark(start, n)
-		return start
-	}
-	extents := func(n uint64) []extent {
-		exts := c.takeExtents(n)
-		for _, e := range exts {
-			mark(e.start, uint64(e.length))
-		}
-		return exts
-	}
-	for range groups {
-		g.blockBitmap = append(g.blockBitmap, contig(1))
-	}
-	for range groups {
-		g.inodeBitmap = append(g.inodeBitmap, contig(1))
-	}
-	for range groups {
-		g.inodeTable = append(g.inodeTable, contig(g.itableBlocks))
-	}
-	for _, in := range inodes {
-		if in != nil && !in.isReg() && in.dataBlocks > 0 {
-			in.extents = extents(in.dataBlocks)
-		}
-	}
-	for _, x := range xblocks {
-		x.blk = contig(1)
-	}
-	journal.dataBlocks = journalSize
-	journal.size = journal.dataBlocks * blockSize
-	journal.extents = extents(journal.dataBlocks)
-	for _, in := range append(slices.Clip(inodes[rootIno:]), journal) {
-		if in == nil {
-			continue
-		}
-		in.treeBlocks = in.treeBlocks[:0]
-		for _, e := range extents(uint64(treeBlockCount(len(in.extents)))) {
-			for i := range uint64(e.length) {
-				in.treeBlocks = append(in.treeBlocks, e.start+i)
-			}
-		}
-	}
-	g.end = c.next
-	return g
-}
-
-// writeMetadata writes everything but file data, in ascending block order
-// as far as possible so that the block writer can merge neighbours.
-func (b *Builder) writeMetadata(ctx context.Context, g *geometry, inodes []*inode, xblocks []*xattrBlock, journal *inode) error {
+// writeMetadata writes everything but file data. It goes in ascending block
+// order as far as possible, so that the block writer can merge neighbours.
+func (w *Writer) writeMetadata(ctx context.Context, g *geometry, inodes []*inode, xblocks []*xattrBlock, journal *inode) error {
 	descs := make([]groupDesc, g.groups)
 	for grp := range descs {
 		d := &descs[grp]
 		d.blockBitmap, d.inodeBitmap, d.inodeTable = g.blockBitmap[grp], g.inodeBitmap[grp], g.inodeTable[grp]
 	}
 	steps := []func() error{
-		func() error { return b.writeBlockBitmaps(g, descs) },
-		func() error { return b.writeInodeBitmaps(g, descs, uint64(len(inodes)-1)) },
-		func() error { return b.writeInodeTables(ctx, g, descs, inodes, journal) },
-		func() error { return b.writeOwnedBlocks(inodes, xblocks, journal) },
-		func() error { return b.writeSuperblocks(g, descs, uint64(len(inodes)-1), journal) },
-		b.w.flush,
+		func() error { return w.writeBlockBitmaps(g, descs) },
+		func() error { return w.writeInodeBitmaps(g, descs, uint64(len(inodes)-1)) },
+		func() error { return w.writeInodeTables(ctx, g, descs, inodes, journal) },
+		func() error { return w.writeOwnedBlocks(inodes, xblocks, journal) },
+		func() error { return w.writeSuperblocks(g, descs, uint64(len(inodes)-1), journal) },
+		w.bw.flush,
 	}
 	for _, step := range steps {
 		if err := ctx.Err(); err != nil {
@@ -321,55 +208,51 @@ func (b *Builder) writeMetadata(ctx context.Context, g *geometry, inodes []*inod
 	return nil
 }
 
-// writeBlockBitmaps completes the block bitmap and writes it. Streamed data
-// is already in b.used; added here are the blocks Finish allocated, the
-// superblock and descriptor copies, and the padding past the last block,
-// which must read as in use.
-func (b *Builder) writeBlockBitmaps(g *geometry, descs []groupDesc) error {
+// writeBlockBitmaps completes the block bitmap and writes it. The blocks of
+// streamed data are already in w.used. This adds the blocks Finish
+// allocated, the superblock and descriptor copies, and the padding past
+// the last block, which must read as in use.
+func (w *Writer) writeBlockBitmaps(g *geometry, descs []groupDesc) error {
 	for _, r := range g.runs {
-		b.used.setRange(r.start, r.n, true)
+		w.used.setRange(r.start, r.n, true)
 	}
 	for grp := range g.groups {
 		if isBackupGroup(grp) {
-			b.used.setRange(grp*blocksPerGroup, 1+g.gdtBlocks, true)
+			w.used.setRange(grp*blocksPerGroup, 1+g.gdtBlocks, true)
 		}
 	}
-	b.used.setRange(g.totalBlocks, g.groups*blocksPerGroup-g.totalBlocks, true)
+	w.used.setRange(g.totalBlocks, g.groups*blocksPerGroup-g.totalBlocks, true)
 	buf := make([]byte, blockSize)
 	for grp := range g.groups {
-		for i, word := range b.used[grp*blocksPerGroup/64 : (grp+1)*blocksPerGroup/64] {
+		for i, word := range w.used[grp*blocksPerGroup/64 : (grp+1)*blocksPerGroup/64] {
 			binary.LittleEndian.PutUint64(buf[8*i:], word)
 		}
 		d := &descs[grp]
-		d.freeBlocks = uint32(blocksPerGroup - b.usedInGroup(grp))
-		d.blockBitmapCsum = b.csum.sum(b.csum.seed, buf)
-		if err := b.w.writeSparse(d.blockBitmap, buf); err != nil {
+		d.freeBlocks = uint32(blocksPerGroup - w.usedInGroup(grp))
+		d.blockBitmapCsum = w.csum.sum(w.csum.seed, buf)
+		if err := w.bw.writeSparse(d.blockBitmap, buf); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// usedInGroup counts the allocated blocks of group grp, bitmap padding past
-// the end of the filesystem included.
-func (b *Builder) usedInGroup(grp uint64) uint64 {
+// usedInGroup counts the allocated blocks of group grp, including the
+// bitmap padding past the end of the filesystem.
+func (w *Writer) usedInGroup(grp uint64) uint64 {
 	n := 0
-	for _, w := range b.used[grp*blocksPerGroup/64 : (grp+1)*blocksPerGroup/64] {
-		n += bits.OnesCount64(w)
+	for _, word := range w.used[grp*blocksPerGroup/64 : (grp+1)*blocksPerGroup/64] {
+		n += bits.OnesCount64(word)
 	}
 	return uint64(n)
 }
 
-// inodesInGroup is how many of inodes 1..used fall in group grp.
-func inodesInGroup(g *geometry, used, grp uint64) uint64 {
-	return min(g.inodesPerGroup, used-min(used, grp*g.inodesPerGroup))
-}
-
-// writeInodeBitmaps marks inodes 1..used in use. Bits past inodesPerGroup
-// pad the block and must be set; the checksum covers only the real bits.
-// Groups without inodes in use are flagged uninitialized instead, which
-// saves writing a bitmap block per group of a mostly empty filesystem.
-func (b *Builder) writeInodeBitmaps(g *geometry, descs []groupDesc, used uint64) error {
+// writeInodeBitmaps marks inodes 1..used in use. The bits past
+// inodesPerGroup pad the block and must be set, but the checksum covers
+// only the real bits. A group with no inode in use gets no bitmap block and
+// is flagged uninitialized instead, which saves a block write per group in
+// a mostly empty filesystem.
+func (w *Writer) writeInodeBitmaps(g *geometry, descs []groupDesc, used uint64) error {
 	ipg := g.inodesPerGroup
 	buf := make([]byte, blockSize)
 	for grp := range g.groups {
@@ -377,9 +260,9 @@ func (b *Builder) writeInodeBitmaps(g *geometry, descs []groupDesc, used uint64)
 		d := &descs[grp]
 		d.freeInodes = uint32(ipg - n)
 		d.itableUnused = uint32(ipg - n)
-		d.flags = bgInodeZeroed
+		d.flags = ext4BGInodeZeroed
 		if n == 0 {
-			d.flags |= bgInodeUninit
+			d.flags |= ext4BGInodeUninit
 			continue
 		}
 		var bm bitmap
@@ -388,17 +271,18 @@ func (b *Builder) writeInodeBitmaps(g *geometry, descs []groupDesc, used uint64)
 		for i, word := range bm {
 			binary.LittleEndian.PutUint64(buf[8*i:], word)
 		}
-		d.inodeBitmapCsum = b.csum.sum(b.csum.seed, buf[:ipg/8])
-		if err := b.w.writeSparse(d.inodeBitmap, buf); err != nil {
+		d.inodeBitmapCsum = w.csum.sum(w.csum.seed, buf[:ipg/8])
+		if err := w.bw.writeSparse(d.inodeBitmap, buf); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// writeInodeTables writes the inode tables as far as inodes are in use; the
-// rest stays a hole, which is the zeroed table the descriptors promise.
-func (b *Builder) writeInodeTables(ctx context.Context, g *geometry, descs []groupDesc, inodes []*inode, journal *inode) error {
+// writeInodeTables writes the inode tables up to the last inode in use. The
+// rest stays a hole, which reads as the zeroed table that the descriptors
+// promise.
+func (w *Writer) writeInodeTables(ctx context.Context, g *geometry, descs []groupDesc, inodes []*inode, journal *inode) error {
 	used := uint64(len(inodes) - 1)
 	for grp := range g.groups {
 		if err := ctx.Err(); err != nil {
@@ -417,94 +301,89 @@ func (b *Builder) writeInodeTables(ctx context.Context, g *geometry, descs []gro
 				in = journal
 			}
 			if in == nil {
-				b.csum.setInodeChecksum(dst, num) // reserved and unused, as mke2fs leaves them
+				// A reserved, unused inode. mke2fs leaves these all zero
+				// apart from the checksum.
+				w.csum.setInodeChecksum(dst, num)
 				continue
 			}
-			root, err := b.iblock(in)
+			root, err := w.iblock(in)
 			if err != nil {
 				return err
 			}
-			b.csum.encodeInode(dst, in, root)
+			w.csum.encodeInode(dst, in, root)
 			if in.isDir() {
 				descs[grp].usedDirs++
 			}
 		}
-		if err := b.w.write(g.inodeTable[grp], table); err != nil {
+		if err := w.bw.write(g.inodeTable[grp], table); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// writeOwnedBlocks writes the blocks inodes own besides file data:
-// directories, long symlinks, xattr blocks, the journal superblock and
-// extent-tree nodes.
-func (b *Builder) writeOwnedBlocks(inodes []*inode, xblocks []*xattrBlock, journal *inode) error {
-	w := &b.w
+// writeOwnedBlocks writes the blocks that inodes own besides file data.
+// These are directory blocks, long symlink targets, xattr blocks, the
+// journal superblock and extent-tree nodes.
+func (w *Writer) writeOwnedBlocks(inodes []*inode, xblocks []*xattrBlock, journal *inode) error {
+	bw := &w.bw
 	for _, in := range inodes {
 		switch {
 		case in == nil:
 		case in.isDir():
-			emit := func(i int, blk []byte) error { return w.write(physicalBlock(in.extents, uint64(i)), blk) }
-			if _, err := b.csum.dirBlocks(in.num, in.parentNum, in.entries, int(in.dataBlocks), emit); err != nil {
+			emit := func(i int, blk []byte) error { return bw.write(physicalBlock(in.extents, uint64(i)), blk) }
+			if _, err := w.csum.dirBlocks(in.num, in.parentNum, in.entries, int(in.dataBlocks), emit); err != nil {
 				return err
 			}
 		case in.isSymlink() && in.dataBlocks > 0:
 			blk := make([]byte, blockSize)
 			copy(blk, in.target)
-			if err := w.write(in.extents[0].start, blk); err != nil {
+			if err := bw.write(in.extents[0].start, blk); err != nil {
 				return err
 			}
 		}
 	}
 	for _, x := range xblocks {
-		if err := w.write(x.blk, b.csum.encodeXattrBlock(x)); err != nil {
+		if err := bw.write(x.blk, w.csum.encodeXattrBlock(x)); err != nil {
 			return err
 		}
 	}
-	if err := w.write(journal.extents[0].start, journalSuperblock(journal.dataBlocks, b.uuid)); err != nil {
+	if err := bw.write(journal.extents[0].start, journalSuperblock(journal.dataBlocks, w.uuid)); err != nil {
 		return err
 	}
 	for _, in := range append(slices.Clip(inodes[rootIno:]), journal) {
 		if in == nil || len(in.treeBlocks) == 0 {
 			continue
 		}
-		if _, err := b.csum.extentTree(in.extents, in.treeBlocks, b.csum.inodeSeed(in.num), w.write); err != nil {
+		if _, err := w.csum.extentTree(in.extents, in.treeBlocks, w.csum.inodeSeed(in.num), bw.write); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// writeSuperblocks writes the group descriptor table and the superblock,
-// primary and sparse_super backups.
-func (b *Builder) writeSuperblocks(g *geometry, descs []groupDesc, used uint64, journal *inode) error {
+// writeSuperblocks writes the group descriptor table and the superblock:
+// the primary copy in group 0 and the sparse_super backups.
+func (w *Writer) writeSuperblocks(g *geometry, descs []groupDesc, used uint64, journal *inode) error {
 	gdt := make([]byte, g.gdtBlocks*blockSize)
 	p := &sbParams{
 		blocks:         g.totalBlocks,
 		inodes:         uint32(g.groups * g.inodesPerGroup),
 		freeInodes:     uint32(g.groups*g.inodesPerGroup - used),
 		inodesPerGroup: uint32(g.inodesPerGroup),
-		uuid:           b.uuid,
-		hashSeed:       b.hashSeed,
-		time:           b.now.sec,
+		uuid:           w.uuid,
+		hashSeed:       w.hashSeed,
+		time:           w.now.sec,
 	}
 	for grp := range descs {
-		b.csum.encodeGroupDesc(gdt[grp*descSize:], uint32(grp), &descs[grp])
+		w.csum.encodeGroupDesc(gdt[grp*descSize:], uint32(grp), &descs[grp])
 		p.freeBlocks += uint64(descs[grp].freeBlocks)
 	}
-	copy(p.label[:], b.opts.Label)
-	// s_jnl_blocks: a copy of the journal inode's i_block and size, so that
-	// e2fsck can recover the journal if inode 8 is damaged.
-	jroot, err := b.iblock(journal)
-	if err != nil {
+	copy(p.label[:], w.opts.Label)
+	var err error
+	if p.jnlBlocks, err = w.journalBackup(journal); err != nil {
 		return err
 	}
-	for i := range 15 {
-		p.jnlBlocks[i] = binary.LittleEndian.Uint32(jroot[4*i:])
-	}
-	p.jnlBlocks[15] = uint32(journal.size >> 32)
-	p.jnlBlocks[16] = uint32(journal.size)
 	for grp := range g.groups {
 		if !isBackupGroup(grp) {
 			continue
@@ -513,26 +392,43 @@ func (b *Builder) writeSuperblocks(g *geometry, descs []groupDesc, used uint64, 
 		blk := make([]byte, blockSize)
 		offset := 0
 		if grp == 0 {
-			offset = 1024 // the primary sits after the boot sector
+			offset = superblockOffset
 		}
-		copy(blk[offset:], b.csum.encodeSuperblock(p))
-		if err := b.w.write(grp*blocksPerGroup, blk); err != nil {
+		copy(blk[offset:], w.csum.encodeSuperblock(p))
+		if err := w.bw.write(grp*blocksPerGroup, blk); err != nil {
 			return err
 		}
-		if err := b.w.write(grp*blocksPerGroup+1, gdt); err != nil {
+		if err := w.bw.write(grp*blocksPerGroup+1, gdt); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// iblock returns the 60-byte i_block content of in.
-func (b *Builder) iblock(in *inode) ([]byte, error) {
+// journalBackup returns the superblock's s_jnl_blocks. It holds a copy of
+// the journal inode's i_block and size, so that e2fsck can still find the
+// journal if inode 8 is damaged.
+func (w *Writer) journalBackup(journal *inode) ([jnlBlocksLen]uint32, error) {
+	var backup [jnlBlocksLen]uint32
+	root, err := w.iblock(journal)
+	if err != nil {
+		return backup, err
+	}
+	for i := range iBlockLen / 4 {
+		backup[i] = binary.LittleEndian.Uint32(root[4*i:])
+	}
+	backup[jnlBlocksSizeHigh] = uint32(journal.size >> 32)
+	backup[jnlBlocksSize] = uint32(journal.size)
+	return backup, nil
+}
+
+// iblock returns the i_block content of in (iBlockLen bytes).
+func (w *Writer) iblock(in *inode) ([]byte, error) {
 	switch {
 	case in.usesExtents():
-		return b.csum.extentTree(in.extents, in.treeBlocks, b.csum.inodeSeed(in.num), nil)
+		return w.csum.extentTree(in.extents, in.treeBlocks, w.csum.inodeSeed(in.num), nil)
 	case in.isSymlink():
-		root := make([]byte, 60)
+		root := make([]byte, iBlockLen)
 		copy(root, in.target)
 		return root, nil
 	case in.mode&sIFMT == sIFCHR || in.mode&sIFMT == sIFBLK:
@@ -541,7 +437,7 @@ func (b *Builder) iblock(in *inode) ([]byte, error) {
 	return nil, nil
 }
 
-// physicalBlock maps a logical block through extents (which cover it).
+// physicalBlock maps a logical block through extents that cover it.
 func physicalBlock(exts []extent, logical uint64) uint64 {
 	for _, e := range exts {
 		if off := logical - uint64(e.logical); logical >= uint64(e.logical) && off < uint64(e.length) {

@@ -98,7 +98,7 @@ func buildImage(t testing.TB, opts Options, layers ...[]tentry) (string, Stats, 
 		t.Fatal(err)
 	}
 	defer f.Close()
-	b, err := NewBuilder(f, opts)
+	b, err := NewWriter(f, opts)
 	if err != nil {
 		return img, Stats{}, err
 	}

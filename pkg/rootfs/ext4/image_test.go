@@ -503,7 +503,7 @@ func TestCanceled(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	b, err := NewBuilder(f, Options{})
+	b, err := NewWriter(f, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,26 +6,14 @@ import (
 	"time"
 )
 
-// File type bits of i_mode.
 const (
-	sIFMT   = 0xF000
-	sIFSOCK = 0xC000
-	sIFLNK  = 0xA000
-	sIFREG  = 0x8000
-	sIFBLK  = 0x6000
-	sIFDIR  = 0x4000
-	sIFCHR  = 0x2000
-	sIFIFO  = 0x1000
-)
-
-const (
-	inodeFlagExtents = 0x80000
-	// fastSymlinkMax is the longest symlink target stored inside i_block
-	// (60 bytes); longer ones get a data block.
-	fastSymlinkMax = 59
+	// fastSymlinkMax is the longest symlink target stored inside i_block.
+	// Longer targets get a data block.
+	fastSymlinkMax = iBlockLen - 1
 	maxSymlinkLen  = blockSize - 1
-	// maxLinks is EXT4_LINK_MAX. Directories above it get a link count of 1
-	// (dir_nlink); regular files cannot have more hard links.
+	// maxLinks is EXT4_LINK_MAX. A directory with more subdirectories gets
+	// a link count of 1 (dir_nlink), and a regular file cannot have more
+	// hard links.
 	maxLinks = 65000
 )
 
@@ -52,15 +40,17 @@ func toTimestamp(t time.Time) timestamp {
 	return timestamp{sec: sec, nsec: uint32(t.Nanosecond())}
 }
 
-// encode returns the 32-bit seconds field and the "extra" field: two epoch
-// bits extending the signed 32-bit seconds, then nanoseconds << 2.
+// encode returns an inode's 32-bit seconds field and the matching _extra
+// field. The extra field holds two epoch bits, which extend the signed
+// 32-bit seconds, and the nanoseconds shifted left by 2.
 func (t timestamp) encode() (lo, extra uint32) {
 	lo = uint32(int32(t.sec))
 	epoch := uint32((t.sec-int64(int32(t.sec)))>>32) & 3
 	return lo, t.nsec<<2 | epoch
 }
 
-// splitTime is the superblock flavour: low 32 bits plus an 8-bit high part.
+// splitTime splits seconds into the low 32 bits and the 8-bit high part, as
+// superblock times store them. Times before 1970 become 0.
 func splitTime(sec int64) (uint32, uint8) {
 	if sec < 0 {
 		sec = 0
@@ -82,21 +72,21 @@ type inode struct {
 
 	// Assigned by Finish.
 	num         uint32
-	parentNum   uint32      // directories: inode number of ".."
+	parentNum   uint32      // inode number of ".." (directories only)
 	nlink       uint32      // final i_links_count
 	dataBlocks  uint64      // data blocks the inode maps (holes excluded)
 	treeBlocks  []uint64    // extent-tree blocks below the in-inode root
 	xblock      *xattrBlock // external xattr block, nil if none
 	ibodyXattrs []xattr     // the part of xattrs stored inside the inode
-	entries     []dirent    // directories: children, sorted by name
+	entries     []dirent    // children sorted by name (directories only)
 }
 
 func (in *inode) isDir() bool     { return in.mode&sIFMT == sIFDIR }
 func (in *inode) isReg() bool     { return in.mode&sIFMT == sIFREG }
 func (in *inode) isSymlink() bool { return in.mode&sIFMT == sIFLNK }
 
-// usesExtents reports whether i_block holds an extent tree (as opposed to a
-// fast symlink target or a device number).
+// usesExtents reports whether i_block holds an extent tree. Otherwise it
+// holds a fast symlink's target or a device number, or nothing.
 func (in *inode) usesExtents() bool {
 	return in.isReg() || in.isDir() || in.isSymlink() && len(in.target) > fastSymlinkMax
 }
@@ -110,22 +100,32 @@ type extent struct {
 }
 
 // encodeInode fills dst (inodeSize bytes, zeroed) with the on-disk inode.
-// root is the 60-byte i_block content prepared by the caller.
+// root is the i_block content prepared by the caller.
 func (c checksummer) encodeInode(dst []byte, in *inode, root []byte) {
 	le := binary.LittleEndian
-	le.PutUint16(dst[0x00:], in.mode)
-	le.PutUint16(dst[0x02:], uint16(in.uid))
-	le.PutUint32(dst[0x04:], uint32(in.size))
 	atime, atimeX := in.atime.encode()
 	ctime, ctimeX := in.ctime.encode()
 	mtime, mtimeX := in.mtime.encode()
-	le.PutUint32(dst[0x08:], atime)
-	le.PutUint32(dst[0x0C:], ctime)
-	le.PutUint32(dst[0x10:], mtime)
-	le.PutUint16(dst[0x18:], uint16(in.gid))
-	le.PutUint16(dst[0x1A:], uint16(in.nlink))
-	// i_blocks counts 512-byte sectors of everything the inode owns,
-	// including extent-tree and xattr blocks (48 bits with huge_file).
+	le.PutUint16(dst[iMode:], in.mode)
+	le.PutUint16(dst[iUID:], uint16(in.uid))
+	le.PutUint16(dst[lIUIDHigh:], uint16(in.uid>>16))
+	le.PutUint16(dst[iGID:], uint16(in.gid))
+	le.PutUint16(dst[lIGIDHigh:], uint16(in.gid>>16))
+	le.PutUint32(dst[iSizeLo:], uint32(in.size))
+	le.PutUint32(dst[iSizeHigh:], uint32(in.size>>32))
+	le.PutUint32(dst[iAtime:], atime)
+	le.PutUint32(dst[iAtimeExtra:], atimeX)
+	le.PutUint32(dst[iCtime:], ctime)
+	le.PutUint32(dst[iCtimeExtra:], ctimeX)
+	le.PutUint32(dst[iMtime:], mtime)
+	le.PutUint32(dst[iMtimeExtra:], mtimeX)
+	// The layer created the file when it last changed it, so the creation
+	// time is the change time.
+	le.PutUint32(dst[iCrtime:], ctime)
+	le.PutUint32(dst[iCrtimeExtra:], ctimeX)
+	le.PutUint16(dst[iLinksCount:], uint16(in.nlink))
+	// i_blocks counts the 512-byte sectors of everything the inode owns,
+	// extent-tree and xattr blocks included. With huge_file it has 48 bits.
 	owned := in.dataBlocks + uint64(len(in.treeBlocks))
 	var xblk uint64
 	if in.xblock != nil {
@@ -133,71 +133,68 @@ func (c checksummer) encodeInode(dst []byte, in *inode, root []byte) {
 		xblk = in.xblock.blk
 	}
 	sectors := owned * (blockSize / 512)
-	le.PutUint32(dst[0x1C:], uint32(sectors))
-	le.PutUint16(dst[0x74:], uint16(sectors>>32))
+	le.PutUint32(dst[iBlocksLo:], uint32(sectors))
+	le.PutUint16(dst[lIBlocksHigh:], uint16(sectors>>32))
 	if in.usesExtents() {
-		le.PutUint32(dst[0x20:], inodeFlagExtents)
+		le.PutUint32(dst[iFlags:], ext4ExtentsFL)
 	}
-	copy(dst[0x28:0x64], root)
-	le.PutUint32(dst[0x68:], uint32(xblk))
-	le.PutUint16(dst[0x76:], uint16(xblk>>32))
-	le.PutUint32(dst[0x6C:], uint32(in.size>>32))
-	le.PutUint16(dst[0x78:], uint16(in.uid>>16))
-	le.PutUint16(dst[0x7A:], uint16(in.gid>>16))
-	le.PutUint16(dst[0x80:], extraIsize)
-	le.PutUint32(dst[0x84:], ctimeX)
-	le.PutUint32(dst[0x88:], mtimeX)
-	le.PutUint32(dst[0x8C:], atimeX)
-	le.PutUint32(dst[0x90:], ctime) // crtime: creation is when the layer made it
-	le.PutUint32(dst[0x94:], ctimeX)
+	copy(dst[iBlock:iBlock+iBlockLen], root)
+	le.PutUint32(dst[iFileACLLo:], uint32(xblk))
+	le.PutUint16(dst[lIFileACLHigh:], uint16(xblk>>32))
+	le.PutUint16(dst[iExtraIsize:], extraIsize)
 	if len(in.ibodyXattrs) > 0 {
-		le.PutUint32(dst[goodOldInodeSize+extraIsize:], xattrMagic)
-		encodeXattrs(dst[goodOldInodeSize+extraIsize+4:], 0, in.ibodyXattrs)
+		ibody := dst[goodOldInodeSize+extraIsize:]
+		le.PutUint32(ibody[hMagic:], ext4XattrMagic)
+		encodeXattrs(ibody[ibodyHeaderSize:], 0, in.ibodyXattrs)
 	}
 	c.setInodeChecksum(dst, in.num)
 }
 
 // setInodeChecksum stores the crc32c of the whole inode, computed with both
-// checksum halves zeroed. The high half only exists when i_extra_isize
-// covers it; reserved inodes are written with i_extra_isize = 0, like mke2fs.
+// checksum halves zeroed. The high half exists only when i_extra_isize
+// reaches past it. Reserved inodes are written with i_extra_isize = 0, as
+// mke2fs does, so they only get the low half.
 func (c checksummer) setInodeChecksum(dst []byte, num uint32) {
 	le := binary.LittleEndian
-	le.PutUint16(dst[0x7C:], 0)
-	le.PutUint16(dst[0x82:], 0)
+	le.PutUint16(dst[lIChecksumLo:], 0)
+	le.PutUint16(dst[iChecksumHi:], 0)
 	crc := c.sum(c.inodeSeed(num), dst[:inodeSize])
-	le.PutUint16(dst[0x7C:], uint16(crc))
-	if le.Uint16(dst[0x80:]) >= 4 {
-		le.PutUint16(dst[0x82:], uint16(crc>>16))
+	le.PutUint16(dst[lIChecksumLo:], uint16(crc))
+	if goodOldInodeSize+int(le.Uint16(dst[iExtraIsize:])) >= iChecksumHi+2 {
+		le.PutUint16(dst[iChecksumHi:], uint16(crc>>16))
 	}
 }
 
-// deviceBlock encodes a device number into i_block the way Linux does: the
-// old 16-bit form in word 0 when major and minor fit in a byte, otherwise
-// the 32-bit "new" form in word 1.
+// deviceBlock encodes a device number into i_block the way Linux does. When
+// major and minor both fit in a byte, it uses the old 16-bit form in
+// i_block[0]. Otherwise it uses the 32-bit "new" form in i_block[1].
 func deviceBlock(major, minor uint32) []byte {
-	b := make([]byte, 60)
+	const (
+		oldDevWord = 0 // byte offset of i_block[0]
+		newDevWord = 4 // byte offset of i_block[1]
+	)
+	b := make([]byte, iBlockLen)
 	if major < 256 && minor < 256 {
-		binary.LittleEndian.PutUint32(b[0:], major<<8|minor)
+		binary.LittleEndian.PutUint32(b[oldDevWord:], major<<8|minor)
 	} else {
-		binary.LittleEndian.PutUint32(b[4:], minor&0xff|major<<8|(minor&^0xff)<<12)
+		binary.LittleEndian.PutUint32(b[newDevWord:], minor&0xff|major<<8|(minor&^0xff)<<12)
 	}
 	return b
 }
 
 // Extent tree geometry.
 const (
-	extentMagic      = 0xF30A
-	extentHeaderSize = 12
-	extentEntrySize  = 12
-	rootEntries      = (60 - extentHeaderSize) / extentEntrySize // 4
-	// nodeEntries leaves room for the 4-byte checksum tail.
-	nodeEntries = (blockSize - extentHeaderSize - 4) / extentEntrySize // 340
+	// rootEntries is how many entries fit in the root node in i_block (4).
+	rootEntries = (iBlockLen - extentHeaderSize) / extentEntrySize
+	// nodeEntries is how many entries fit in a node block, after the header
+	// and before the checksum tail (340).
+	nodeEntries = (blockSize - extentHeaderSize - extentTailSize) / extentEntrySize
 )
 
-// treeShape returns how many blocks each level of the extent tree needs,
-// leaves first, for n extents. It is empty when the extents fit in the inode.
-// Every node is filled completely, which is the shape e2fsck considers
-// optimal (it would otherwise offer to rebuild the tree).
+// treeShape returns how many blocks each level of the extent tree needs for
+// n extents, leaves first. It is empty when the extents fit in the inode.
+// Every node is filled completely. e2fsck considers that shape optimal;
+// for any other shape it would offer to rebuild the tree.
 func treeShape(n int) []int {
 	var levels []int
 	for n > rootEntries {
@@ -215,63 +212,71 @@ func treeBlockCount(n int) int {
 	return total
 }
 
-// extentTree encodes the tree for exts into the 60-byte in-inode root. The
-// blocks in tree (len == treeBlockCount) receive the lower levels, leaves
-// first; each is passed to emit unless emit is nil, which computes the root
-// only. seed is the owning inode's checksum seed.
-func (c checksummer) extentTree(exts []extent, tree []uint64, seed uint32, emit func(blk uint64, b []byte) error) ([]byte, error) {
+// extentEntry is an entry of an extent tree node. In a leaf it is a struct
+// ext4_extent, and in an index node a struct ext4_extent_idx.
+type extentEntry struct {
+	logical uint32 // ee_block or ei_block
+	length  uint16 // ee_len, leaves only
+	target  uint64 // physical start (leaf) or child block (index)
+}
+
+// putExtentNode writes a node header and its entries to dst. max is the
+// node's capacity (eh_max), and depth is 0 for leaves.
+func putExtentNode(dst []byte, es []extentEntry, max, depth int) {
 	le := binary.LittleEndian
-	type entry struct {
-		logical uint32
-		length  uint16 // leaves only
-		target  uint64 // physical start (leaf) or child block (index)
-	}
-	entries := make([]entry, len(exts))
-	for i, e := range exts {
-		entries[i] = entry{logical: e.logical, length: e.length, target: e.start}
-	}
-	putEntries := func(dst []byte, es []entry, leaf bool, max, depth int) {
-		le.PutUint16(dst[0:], extentMagic)
-		le.PutUint16(dst[2:], uint16(len(es)))
-		le.PutUint16(dst[4:], uint16(max))
-		le.PutUint16(dst[6:], uint16(depth))
-		for i, e := range es {
-			p := dst[extentHeaderSize+i*extentEntrySize:]
-			le.PutUint32(p[0:], e.logical)
-			if leaf {
-				le.PutUint16(p[4:], e.length)
-				le.PutUint16(p[6:], uint16(e.target>>32))
-				le.PutUint32(p[8:], uint32(e.target))
-			} else {
-				le.PutUint32(p[4:], uint32(e.target))
-				le.PutUint16(p[8:], uint16(e.target>>32))
-			}
+	le.PutUint16(dst[ehMagic:], ext4ExtMagic)
+	le.PutUint16(dst[ehEntries:], uint16(len(es)))
+	le.PutUint16(dst[ehMax:], uint16(max))
+	le.PutUint16(dst[ehDepth:], uint16(depth))
+	for i, e := range es {
+		p := dst[extentHeaderSize+i*extentEntrySize:]
+		if depth == 0 {
+			le.PutUint32(p[eeBlock:], e.logical)
+			le.PutUint16(p[eeLen:], e.length)
+			le.PutUint16(p[eeStartHi:], uint16(e.target>>32))
+			le.PutUint32(p[eeStartLo:], uint32(e.target))
+		} else {
+			le.PutUint32(p[eiBlock:], e.logical)
+			le.PutUint32(p[eiLeafLo:], uint32(e.target))
+			le.PutUint16(p[eiLeafHi:], uint16(e.target>>32))
 		}
+	}
+}
+
+// extentTree encodes the extent tree for exts and returns its root, the
+// i_block content. The blocks in tree (treeBlockCount(len(exts)) of them)
+// receive the lower levels, leaves first. Each block is passed to emit;
+// with emit == nil only the root is computed. seed is the owning inode's
+// checksum seed.
+func (c checksummer) extentTree(exts []extent, tree []uint64, seed uint32, emit func(blk uint64, b []byte) error) ([]byte, error) {
+	entries := make([]extentEntry, len(exts))
+	for i, e := range exts {
+		entries[i] = extentEntry{logical: e.logical, length: e.length, target: e.start}
 	}
 	depth := 0
 	for len(entries) > rootEntries {
-		var parents []entry
+		var parents []extentEntry
 		for i := 0; i < len(entries); i += nodeEntries {
 			chunk := entries[i:min(i+nodeEntries, len(entries))]
 			blk := tree[0]
 			tree = tree[1:]
 			if emit != nil {
 				b := make([]byte, blockSize)
-				putEntries(b, chunk, depth == 0, nodeEntries, depth)
+				putExtentNode(b, chunk, nodeEntries, depth)
 				tail := extentHeaderSize + nodeEntries*extentEntrySize
-				le.PutUint32(b[tail:], c.sum(seed, b[:tail]))
+				binary.LittleEndian.PutUint32(b[tail:], c.sum(seed, b[:tail])) // et_checksum
 				if err := emit(blk, b); err != nil {
 					return nil, err
 				}
 			}
-			// An index entry starts where its child's first entry starts;
-			// e2fsck checks this exactly.
-			parents = append(parents, entry{logical: chunk[0].logical, target: blk})
+			// An index entry starts at its child's first logical block.
+			// e2fsck checks that this matches exactly.
+			parents = append(parents, extentEntry{logical: chunk[0].logical, target: blk})
 		}
 		entries = parents
 		depth++
 	}
-	root := make([]byte, 60)
-	putEntries(root, entries, depth == 0, rootEntries, depth)
+	root := make([]byte, iBlockLen)
+	putExtentNode(root, entries, rootEntries, depth)
 	return root, nil
 }

@@ -2,17 +2,15 @@ package ext4
 
 import "encoding/binary"
 
-const (
-	jbd2Magic        = 0xC03B3998
-	jbd2SuperblockV2 = 4
-	// jbd2MinBlocks is the smallest journal the kernel accepts.
-	jbd2MinBlocks = 1024
-)
+// jbd2MinBlocks is JBD2_MIN_JOURNAL_BLOCKS, the smallest journal the kernel
+// accepts.
+const jbd2MinBlocks = 1024
 
-// journalBlocks picks the journal size mke2fs would pick for a filesystem of
-// fsBlocks 4 KiB blocks: 16 MiB up to 1 GiB, 64 MiB up to 16 GiB, growing to
-// 1 GiB for very large filesystems. Only its first block is ever written;
-// the rest stays a hole in the image.
+// journalBlocks returns the journal size, in blocks, that mke2fs picks for a
+// filesystem of fsBlocks 4 KiB blocks. The journal grows with the
+// filesystem: 16 MiB up to 1 GiB, 64 MiB up to 16 GiB, and at most 1 GiB.
+// Only its first block is ever written, and the rest stays a hole in the
+// image.
 func journalBlocks(fsBlocks uint64) uint64 {
 	switch {
 	case fsBlocks < 32768:
@@ -33,21 +31,23 @@ func journalBlocks(fsBlocks uint64) uint64 {
 	return 262144
 }
 
-// journalSuperblock returns the first block of an empty jbd2 journal (all
-// fields big-endian). s_start = 0 tells the kernel there is nothing to
-// replay, so the remaining journal blocks may hold anything, zeros included.
-// Journal checksum features are left off: the kernel enables the ones
-// metadata_csum wants when it mounts the filesystem read-write.
+// journalSuperblock returns the first block of an empty jbd2 journal. All
+// its fields are big-endian. s_start = 0 tells the kernel that there is
+// nothing to replay, so the remaining journal blocks may hold anything,
+// zeros included. The journal checksum features are left off. The kernel
+// enables the ones metadata_csum wants when it mounts the filesystem
+// read-write.
 func journalSuperblock(blocks uint64, uuid [16]byte) []byte {
 	b := make([]byte, blockSize)
 	be := binary.BigEndian
-	be.PutUint32(b[0x00:], jbd2Magic)
-	be.PutUint32(b[0x04:], jbd2SuperblockV2)
-	be.PutUint32(b[0x0C:], blockSize)
-	be.PutUint32(b[0x10:], uint32(blocks)) // s_maxlen
-	be.PutUint32(b[0x14:], 1)              // s_first: log starts after this block
-	be.PutUint32(b[0x18:], 1)              // s_sequence of the first transaction
-	copy(b[0x30:], uuid[:])
-	be.PutUint32(b[0x40:], 1) // s_nr_users: this filesystem
+	be.PutUint32(b[jbd2HMagic:], jbd2MagicNumber)
+	be.PutUint32(b[jbd2HBlocktype:], jbd2SuperblockV2)
+	be.PutUint32(b[jbd2SBlocksize:], blockSize)
+	be.PutUint32(b[jbd2SMaxlen:], uint32(blocks))
+	be.PutUint32(b[jbd2SFirst:], 1)    // the log starts after this block
+	be.PutUint32(b[jbd2SSequence:], 1) // the first transaction's number
+	be.PutUint32(b[jbd2SStart:], 0)    // empty log
+	copy(b[jbd2SUUID:], uuid[:])
+	be.PutUint32(b[jbd2SNrUsers:], 1) // only this filesystem uses it
 	return b
 }

@@ -5,9 +5,10 @@ import (
 	"time"
 )
 
-// Default limits. They bound what a hostile image can make the builder do:
-// claim a huge sparse file, unpack a decompression bomb, or flood the tree
-// with tiny entries (each costs memory until Finish).
+// Default limits. They bound what a hostile image can make the Writer do.
+// Without them an image could claim a huge sparse file, unpack a
+// decompression bomb, or flood the tree with tiny entries, each of which
+// costs memory until Finish.
 const (
 	DefaultMaxTotalBytes = 64 << 30
 	DefaultMaxFileSize   = 16 << 30
@@ -16,21 +17,22 @@ const (
 	maxSize = 16 << 40
 )
 
-// Options configures a Builder. The zero value is usable.
+// Options configures a Writer. The zero value is usable.
 type Options struct {
 	// Headroom is the free space, in bytes, the filesystem must have on top
 	// of the image content, for what the guest writes.
 	Headroom int64
-	// HeadroomRatio adds free space in proportion to the content: 0.1
-	// gives a tenth of the data's size on top of Headroom. Upstream BoxLite
-	// sizes bases as content*1.1 + 64 MiB, at least 256 MiB.
+	// HeadroomRatio adds free space in proportion to the content. For
+	// example, 0.1 adds a tenth of the data's size on top of Headroom.
+	// Upstream BoxLite sizes bases as content*1.1 + 64 MiB, and at least
+	// 256 MiB.
 	HeadroomRatio float64
-	// MinSize is the smallest filesystem size in bytes; the image grows
+	// MinSize is the smallest filesystem size in bytes. The image grows
 	// beyond it when content plus Headroom need more.
 	MinSize int64
 	// Label is the volume label, at most 16 bytes.
 	Label string
-	// UUID is the filesystem UUID; the zero value picks a random one. The
+	// UUID is the filesystem UUID. The zero value picks a random one. The
 	// directory hash seed is derived from it, so a fixed UUID together with
 	// a fixed Time and identical layers gives a byte-identical image.
 	UUID [16]byte
@@ -111,9 +113,9 @@ func (e *LimitError) Error() string {
 	return fmt.Sprintf("limit %s (%d) exceeded", e.Limit, e.Max)
 }
 
-// EntryError reports a tar entry that cannot be applied: its path escapes
-// the root, a hard link points nowhere, a limit is crossed, and so on. It
-// wraps the cause (for instance a *LimitError).
+// EntryError reports a tar entry that cannot be applied, for example
+// because its path escapes the root, a hard link points nowhere or a limit
+// is crossed. It wraps the cause, such as a *LimitError.
 type EntryError struct {
 	Layer int    // index of the layer, 0 for the first ApplyLayer call
 	Path  string // entry name as found in the tar header

@@ -5,51 +5,13 @@ import (
 	"hash/crc32"
 )
 
-// Feature bits; see the package comment for why this set.
-const (
-	compatHasJournal = 0x4
-	compatExtAttr    = 0x8
-	compatDirIndex   = 0x20
-
-	incompatFiletype = 0x2
-	incompatExtents  = 0x40
-	incompat64bit    = 0x80
-	incompatFlexBG   = 0x200
-
-	roCompatSparseSuper  = 0x1
-	roCompatLargeFile    = 0x2
-	roCompatHugeFile     = 0x8
-	roCompatDirNlink     = 0x20
-	roCompatExtraIsize   = 0x40
-	roCompatMetadataCsum = 0x400
-)
-
-const (
-	sbMagic          = 0xEF53
-	sbStateClean     = 1
-	sbErrorsContinue = 1
-	// sbFlagUnsignedHash records which dx hash variant the guest must use
-	// for directories it indexes; stating it makes the choice
-	// architecture-independent (e2fsck insists that one is set).
-	sbFlagUnsignedHash = 0x2
-	hashHalfMD4        = 1
-	defmXattrUser      = 0x4
-	defmACL            = 0x8
-	jnlBackupBlocks    = 1 // s_jnl_blocks holds a copy of the journal inode's i_block
-	checksumTypeCrc32c = 1
-
-	// bgInodeUninit: no inode of the group is in use and its inode bitmap
-	// was never written; the kernel and e2fsck treat it as empty.
-	bgInodeUninit = 0x1
-	bgInodeZeroed = 0x4 // inode table reads as zeros: no lazy init needed
-)
-
-// checksummer computes the crc32c-based metadata_csum checksums. ext4 uses
-// the raw CRC (no pre/post inversion), while hash/crc32 inverts on entry and
-// exit, hence the complements.
+// checksummer computes the crc32c checksums of metadata_csum. ext4 uses the
+// raw CRC, without the usual inversion before and after. hash/crc32 inverts
+// on entry and on exit, so sum complements both the seed and the result to
+// undo that.
 type checksummer struct {
 	tab  *crc32.Table
-	seed uint32 // crc32c(~0, uuid): the per-filesystem starting value
+	seed uint32 // crc32c(~0, uuid), the starting value for this filesystem
 }
 
 func newChecksummer(uuid [16]byte) checksummer {
@@ -68,14 +30,15 @@ func (c checksummer) sumU32(seed, v uint32) uint32 {
 	return c.sum(seed, b[:])
 }
 
-// inodeSeed is the starting value for checksums of blocks owned by one inode
-// (directory blocks, extent-tree blocks, the inode itself).
+// inodeSeed is the starting value for the checksums of what one inode owns:
+// its directory blocks, its extent-tree blocks and the inode itself.
 func (c checksummer) inodeSeed(ino uint32) uint32 {
 	const generation = 0
 	return c.sumU32(c.sumU32(c.seed, ino), generation)
 }
 
-// sbParams is what varies between superblocks.
+// sbParams holds the superblock fields that depend on the image. groupNr
+// also differs between the copies of one image.
 type sbParams struct {
 	blocks, freeBlocks uint64
 	inodes, freeInodes uint32
@@ -83,62 +46,66 @@ type sbParams struct {
 	uuid, hashSeed     [16]byte
 	label              [16]byte
 	time               int64
-	jnlBlocks          [17]uint32
+	jnlBlocks          [jnlBlocksLen]uint32
 	groupNr            uint16 // which group this copy lives in
 }
 
-// encodeSuperblock returns the 1024-byte superblock.
+// encodeSuperblock returns the superblock (superblockSize bytes).
 func (c checksummer) encodeSuperblock(p *sbParams) []byte {
-	sb := make([]byte, 1024)
+	sb := make([]byte, superblockSize)
 	le := binary.LittleEndian
-	le.PutUint32(sb[0x00:], p.inodes)
-	le.PutUint32(sb[0x04:], uint32(p.blocks))
-	le.PutUint32(sb[0x0C:], uint32(p.freeBlocks))
-	le.PutUint32(sb[0x10:], p.freeInodes)
-	le.PutUint32(sb[0x14:], 0) // s_first_data_block: 0 for blocks > 1 KiB
-	le.PutUint32(sb[0x18:], 2) // log2(blockSize) - 10
-	le.PutUint32(sb[0x1C:], 2) // cluster size = block size (no bigalloc)
-	le.PutUint32(sb[0x20:], blocksPerGroup)
-	le.PutUint32(sb[0x24:], blocksPerGroup)
-	le.PutUint32(sb[0x28:], p.inodesPerGroup)
+	le.PutUint32(sb[sInodesCount:], p.inodes)
+	le.PutUint32(sb[sBlocksCountLo:], uint32(p.blocks))
+	le.PutUint32(sb[sFreeBlocksCountLo:], uint32(p.freeBlocks))
+	le.PutUint32(sb[sFreeInodesCount:], p.freeInodes)
+	le.PutUint32(sb[sFirstDataBlock:], 0) // 0 for blocks larger than 1 KiB
+	le.PutUint32(sb[sLogBlockSize:], 2)   // blockSize is 1024 << 2
+	le.PutUint32(sb[sLogClusterSize:], 2) // a cluster is one block (no bigalloc)
+	le.PutUint32(sb[sBlocksPerGroup:], blocksPerGroup)
+	le.PutUint32(sb[sClustersPerGroup:], blocksPerGroup)
+	le.PutUint32(sb[sInodesPerGroup:], p.inodesPerGroup)
+	// The image's creation, last write and last check all happened at
+	// p.time.
 	lo, hi := splitTime(p.time)
-	le.PutUint32(sb[0x30:], lo) // s_wtime
-	sb[0x274] = hi
-	le.PutUint16(sb[0x36:], 0xFFFF) // s_max_mnt_count = -1: no forced checks
-	le.PutUint16(sb[0x38:], sbMagic)
-	le.PutUint16(sb[0x3A:], sbStateClean)
-	le.PutUint16(sb[0x3C:], sbErrorsContinue)
-	le.PutUint32(sb[0x40:], lo) // s_lastcheck
-	sb[0x277] = hi
-	le.PutUint32(sb[0x4C:], 1) // dynamic revision
-	le.PutUint32(sb[0x54:], firstIno)
-	le.PutUint16(sb[0x58:], inodeSize)
-	le.PutUint16(sb[0x5A:], p.groupNr)
-	le.PutUint32(sb[0x5C:], compatHasJournal|compatExtAttr|compatDirIndex)
-	le.PutUint32(sb[0x60:], incompatFiletype|incompatExtents|incompat64bit|incompatFlexBG)
-	le.PutUint32(sb[0x64:], roCompatSparseSuper|roCompatLargeFile|roCompatHugeFile|
-		roCompatDirNlink|roCompatExtraIsize|roCompatMetadataCsum)
-	copy(sb[0x68:], p.uuid[:])
-	copy(sb[0x78:], p.label[:])
-	le.PutUint32(sb[0xE0:], journalIno)
-	copy(sb[0xEC:], p.hashSeed[:])
-	sb[0xFC] = hashHalfMD4
-	sb[0xFD] = jnlBackupBlocks
-	le.PutUint16(sb[0xFE:], descSize)
-	le.PutUint32(sb[0x100:], defmXattrUser|defmACL)
-	le.PutUint32(sb[0x108:], lo) // s_mkfs_time
-	sb[0x276] = hi
+	le.PutUint32(sb[sWtime:], lo)
+	sb[sWtimeHi] = hi
+	le.PutUint32(sb[sLastcheck:], lo)
+	sb[sLastcheckHi] = hi
+	le.PutUint32(sb[sMkfsTime:], lo)
+	sb[sMkfsTimeHi] = hi
+	le.PutUint16(sb[sMaxMntCount:], 0xFFFF) // -1: the mount count never forces a check
+	le.PutUint16(sb[sMagic:], ext4SuperMagic)
+	le.PutUint16(sb[sState:], ext4ValidFS)
+	le.PutUint16(sb[sErrors:], ext4ErrorsContinue)
+	le.PutUint32(sb[sRevLevel:], ext4DynamicRev)
+	le.PutUint32(sb[sFirstIno:], firstIno)
+	le.PutUint16(sb[sInodeSize:], inodeSize)
+	le.PutUint16(sb[sBlockGroupNr:], p.groupNr)
+	le.PutUint32(sb[sFeatureCompat:], ext4FeatureCompatHasJournal|ext4FeatureCompatExtAttr|ext4FeatureCompatDirIndex)
+	le.PutUint32(sb[sFeatureIncompat:], ext4FeatureIncompatFiletype|ext4FeatureIncompatExtents|
+		ext4FeatureIncompat64bit|ext4FeatureIncompatFlexBG)
+	le.PutUint32(sb[sFeatureRoCompat:], ext4FeatureRoCompatSparseSuper|ext4FeatureRoCompatLargeFile|
+		ext4FeatureRoCompatHugeFile|ext4FeatureRoCompatDirNlink|ext4FeatureRoCompatExtraIsize|
+		ext4FeatureRoCompatMetadataCsum)
+	copy(sb[sUUID:], p.uuid[:])
+	copy(sb[sVolumeName:], p.label[:])
+	le.PutUint32(sb[sJournalInum:], journalIno)
+	copy(sb[sHashSeed:], p.hashSeed[:])
+	sb[sDefHashVersion] = dxHashHalfMD4
+	sb[sJnlBackupType] = ext3JnlBackupBlocks
+	le.PutUint16(sb[sDescSize:], descSize)
+	le.PutUint32(sb[sDefaultMountOpts:], ext4DefmXattrUser|ext4DefmACL)
 	for i, v := range p.jnlBlocks {
-		le.PutUint32(sb[0x10C+4*i:], v)
+		le.PutUint32(sb[sJnlBlocks+4*i:], v)
 	}
-	le.PutUint32(sb[0x150:], uint32(p.blocks>>32))
-	le.PutUint32(sb[0x158:], uint32(p.freeBlocks>>32))
-	le.PutUint16(sb[0x15C:], extraIsize) // s_min_extra_isize
-	le.PutUint16(sb[0x15E:], extraIsize) // s_want_extra_isize
-	le.PutUint32(sb[0x160:], sbFlagUnsignedHash)
-	sb[0x174] = logGroupsPerFlex
-	sb[0x175] = checksumTypeCrc32c
-	le.PutUint32(sb[0x3FC:], c.sum(^uint32(0), sb[:0x3FC]))
+	le.PutUint32(sb[sBlocksCountHi:], uint32(p.blocks>>32))
+	le.PutUint32(sb[sFreeBlocksCountHi:], uint32(p.freeBlocks>>32))
+	le.PutUint16(sb[sMinExtraIsize:], extraIsize)
+	le.PutUint16(sb[sWantExtraIsize:], extraIsize)
+	le.PutUint32(sb[sFlags:], ext2FlagsUnsignedHash)
+	sb[sLogGroupsPerFlex] = logGroupsPerFlex
+	sb[sChecksumType] = ext4Crc32cChksum
+	le.PutUint32(sb[sChecksum:], c.sum(^uint32(0), sb[:sChecksum]))
 	return sb
 }
 
@@ -151,30 +118,32 @@ type groupDesc struct {
 	blockBitmapCsum, inodeBitmapCsum     uint32
 }
 
+// encodeGroupDesc fills dst (descSize bytes, zeroed) with the descriptor of
+// group number group.
 func (c checksummer) encodeGroupDesc(dst []byte, group uint32, d *groupDesc) {
 	le := binary.LittleEndian
-	le.PutUint32(dst[0x00:], uint32(d.blockBitmap))
-	le.PutUint32(dst[0x04:], uint32(d.inodeBitmap))
-	le.PutUint32(dst[0x08:], uint32(d.inodeTable))
-	le.PutUint16(dst[0x0C:], uint16(d.freeBlocks))
-	le.PutUint16(dst[0x0E:], uint16(d.freeInodes))
-	le.PutUint16(dst[0x10:], uint16(d.usedDirs))
-	le.PutUint16(dst[0x12:], d.flags)
-	le.PutUint16(dst[0x18:], uint16(d.blockBitmapCsum))
-	le.PutUint16(dst[0x1A:], uint16(d.inodeBitmapCsum))
-	le.PutUint16(dst[0x1C:], uint16(d.itableUnused))
-	le.PutUint32(dst[0x20:], uint32(d.blockBitmap>>32))
-	le.PutUint32(dst[0x24:], uint32(d.inodeBitmap>>32))
-	le.PutUint32(dst[0x28:], uint32(d.inodeTable>>32))
-	le.PutUint16(dst[0x2C:], uint16(d.freeBlocks>>16))
-	le.PutUint16(dst[0x2E:], uint16(d.freeInodes>>16))
-	le.PutUint16(dst[0x30:], uint16(d.usedDirs>>16))
-	le.PutUint16(dst[0x32:], uint16(d.itableUnused>>16))
-	le.PutUint16(dst[0x38:], uint16(d.blockBitmapCsum>>16))
-	le.PutUint16(dst[0x3A:], uint16(d.inodeBitmapCsum>>16))
-	// The descriptor checksum covers the group number and the descriptor
-	// with the checksum field itself zeroed (it still is at this point).
+	le.PutUint32(dst[bgBlockBitmapLo:], uint32(d.blockBitmap))
+	le.PutUint32(dst[bgInodeBitmapLo:], uint32(d.inodeBitmap))
+	le.PutUint32(dst[bgInodeTableLo:], uint32(d.inodeTable))
+	le.PutUint16(dst[bgFreeBlocksCountLo:], uint16(d.freeBlocks))
+	le.PutUint16(dst[bgFreeInodesCountLo:], uint16(d.freeInodes))
+	le.PutUint16(dst[bgUsedDirsCountLo:], uint16(d.usedDirs))
+	le.PutUint16(dst[bgFlags:], d.flags)
+	le.PutUint16(dst[bgBlockBitmapCsumLo:], uint16(d.blockBitmapCsum))
+	le.PutUint16(dst[bgInodeBitmapCsumLo:], uint16(d.inodeBitmapCsum))
+	le.PutUint16(dst[bgItableUnusedLo:], uint16(d.itableUnused))
+	le.PutUint32(dst[bgBlockBitmapHi:], uint32(d.blockBitmap>>32))
+	le.PutUint32(dst[bgInodeBitmapHi:], uint32(d.inodeBitmap>>32))
+	le.PutUint32(dst[bgInodeTableHi:], uint32(d.inodeTable>>32))
+	le.PutUint16(dst[bgFreeBlocksCountHi:], uint16(d.freeBlocks>>16))
+	le.PutUint16(dst[bgFreeInodesCountHi:], uint16(d.freeInodes>>16))
+	le.PutUint16(dst[bgUsedDirsCountHi:], uint16(d.usedDirs>>16))
+	le.PutUint16(dst[bgItableUnusedHi:], uint16(d.itableUnused>>16))
+	le.PutUint16(dst[bgBlockBitmapCsumHi:], uint16(d.blockBitmapCsum>>16))
+	le.PutUint16(dst[bgInodeBitmapCsumHi:], uint16(d.inodeBitmapCsum>>16))
+	// The descriptor checksum covers the group number, then the descriptor
+	// with bg_checksum itself zeroed, which it still is at this point.
 	crc := c.sumU32(c.seed, group)
 	crc = c.sum(crc, dst[:descSize])
-	le.PutUint16(dst[0x1E:], uint16(crc))
+	le.PutUint16(dst[bgChecksum:], uint16(crc))
 }

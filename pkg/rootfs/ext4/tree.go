@@ -21,17 +21,17 @@ const (
 	maxDepth = 4096
 )
 
-// node is a name in the merged tree. Directories own their inode; other
-// nodes may share theirs (hard links).
+// node is a name in the merged tree. A directory's node owns its inode.
+// Other nodes may share an inode, which is how hard links are represented.
 type node struct {
 	name     string
 	parent   *node // the root is its own parent
 	inode    *inode
 	children map[string]*node // directories only
 	// layer is the last layer that created, replaced or walked through
-	// this node. Opaque whiteouts and whiteouts remove what is older than
-	// the current layer and keep what the current layer produced, whatever
-	// the order of entries in its tar.
+	// this node. Whiteouts and opaque whiteouts use it to remove only what
+	// is older than the current layer. What the current layer produced
+	// stays, whatever the order of the entries in its tar.
 	layer int
 	depth int
 }
@@ -59,11 +59,11 @@ func (t *tree) implicitDir() *inode {
 	return &inode{mode: sIFDIR | 0o755, atime: now, mtime: now, ctime: now}
 }
 
-// splitPath turns a tar entry name into components relative to the root:
-// leading "/" and "./" are dropped and "." and ".." resolved lexically. A
-// name that climbs above the root is an error: extracting it would write
-// outside the image's tree, and silently re-rooting it could shadow a
-// legitimate file.
+// splitPath turns a tar entry name into components relative to the root.
+// Leading "/" and "./" are dropped, and "." and ".." are resolved
+// lexically. A name that climbs above the root is an error. Extracting it
+// would write outside the image's tree, and silently re-rooting it could
+// shadow a legitimate file.
 func splitPath(name string) ([]string, error) {
 	var comps []string
 	for _, c := range strings.Split(name, "/") {
@@ -84,13 +84,14 @@ func splitPath(name string) ([]string, error) {
 	return comps, nil
 }
 
-// walkDir returns the directory named by comps. Symlinks met on the way are
-// followed but stay confined to the root (an absolute target or a ".." at
-// the top restarts from / or stays there), which is how container runtimes
-// resolve parents when extracting: an entry "lib/x" lands in "usr/lib/x"
-// when a lower layer made "lib" a symlink to "usr/lib". With create, missing
-// directories are made (0755, root-owned) and every directory passed is
-// marked as belonging to the current layer.
+// walkDir returns the directory named by comps. It follows the symlinks it
+// meets on the way, but confines them to the root: an absolute target
+// restarts from /, and ".." at the top stays there. Container runtimes
+// resolve parents the same way when extracting. For example, an entry
+// "lib/x" lands in "usr/lib/x" when a lower layer made "lib" a symlink to
+// "usr/lib". With create set, walkDir makes missing directories (0755,
+// owned by root) and marks every directory it passes as belonging to the
+// current layer.
 func (t *tree) walkDir(comps []string, create bool) (*node, error) {
 	cur := t.root
 	hops := 0
@@ -167,9 +168,10 @@ func (t *tree) add(parent *node, name string, in *inode) (*node, error) {
 	return n, nil
 }
 
-// put places in at parent/name with the OCI replacement rules: a directory
-// over a directory merges (the existing children stay, the new metadata
-// wins); anything else replaces whatever was there, subtree included.
+// put places in at parent/name with the OCI replacement rules. A directory
+// over a directory merges with it: the existing children stay, and the new
+// metadata wins. Anything else replaces whatever was there, including a
+// whole subtree.
 func (t *tree) put(parent *node, name string, in *inode) error {
 	if old := parent.children[name]; old != nil {
 		if old.inode.isDir() && in.isDir() {
@@ -199,8 +201,9 @@ func (t *tree) link(parent *node, name string, target *node) error {
 		old.layer = t.layer
 		return nil
 	}
-	// Hold the inode while the old name goes away: the target may live in
-	// the subtree being replaced, and must not be freed with it.
+	// Hold a reference to the inode while the old name goes away. The
+	// target may live in the subtree being replaced, and must not be freed
+	// with it.
 	in := target.inode
 	if in.links >= maxLinks {
 		return fmt.Errorf("more than %d hard links", maxLinks)
@@ -209,7 +212,7 @@ func (t *tree) link(parent *node, name string, target *node) error {
 	if old != nil {
 		t.remove(old)
 	}
-	in.links-- // add takes the real reference
+	in.links-- // drop the temporary reference; add takes the real one
 	_, err := t.add(parent, name, in)
 	return err
 }

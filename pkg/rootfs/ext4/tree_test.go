@@ -42,15 +42,15 @@ func TestSplitPath(t *testing.T) {
 	}
 }
 
-// applyLayers runs layers through a Builder without finishing it.
-func applyLayers(t *testing.T, layers ...[]tentry) (*Builder, error) {
+// applyLayers runs layers through a Writer without finishing it.
+func applyLayers(t *testing.T, layers ...[]tentry) (*Writer, error) {
 	t.Helper()
 	f, err := os.Create(filepath.Join(t.TempDir(), "img"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { f.Close() })
-	b, err := NewBuilder(f, Options{})
+	b, err := NewWriter(f, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -66,7 +66,7 @@ func applyLayers(t *testing.T, layers ...[]tentry) (*Builder, error) {
 
 // listTree renders the merged tree as sorted "path type" lines; regular
 // files show their size and link count, symlinks their target.
-func listTree(b *Builder) []string {
+func listTree(b *Writer) []string {
 	var out []string
 	var walk func(n *node, path string)
 	walk = func(n *node, path string) {
