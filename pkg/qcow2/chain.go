@@ -12,8 +12,8 @@ import (
 
 // Link is one image of a backing chain.
 type Link struct {
-	// Path is where the image was found: a relative backing name joined to
-	// the directory of the image that names it, as QEMU resolves it.
+	// Path is where the image was found. A relative backing name is joined
+	// to the directory of the image that names it, as QEMU does.
 	Path string
 	// Format is FormatQcow2 or FormatRaw.
 	Format string
@@ -54,8 +54,8 @@ func Chain(ctx context.Context, path string) ([]Link, error) {
 			return links, &IOError{Path: cur, Op: "stat", Err: err}
 		}
 		if !fi.Mode().IsRegular() {
-			// A FIFO or device would block or read host state: never a disk
-			// that boxlite-csi made.
+			// Opening a FIFO would block, and a device would read host
+			// state. Neither is a disk that boxlite-csi made.
 			return links, &ChainError{Path: path, Reason: fmt.Sprintf("%s is not a regular file (%s)", cur, fi.Mode().Type())}
 		}
 		st, ok := fi.Sys().(*syscall.Stat_t)
@@ -64,7 +64,7 @@ func Chain(ctx context.Context, path string) ([]Link, error) {
 		}
 		id := fileID{uint64(st.Dev), st.Ino}
 		if seen[id] {
-			return links, &ChainError{Path: path, Reason: fmt.Sprintf("loop: %s appears twice", cur)}
+			return links, &ChainError{Path: path, Reason: fmt.Sprintf("%s appears twice, so the chain loops", cur)}
 		}
 		seen[id] = true
 
@@ -78,7 +78,7 @@ func Chain(ctx context.Context, path string) ([]Link, error) {
 			return append(links, Link{Path: cur, Format: FormatRaw}), nil
 		case FormatQcow2:
 		default:
-			return links, &ChainError{Path: path, Reason: fmt.Sprintf("%s names backing format %q, only raw and qcow2 are supported", referrer, format)}
+			return links, &ChainError{Path: path, Reason: fmt.Sprintf("%s names backing format %q, and only raw and qcow2 are supported", referrer, format)}
 		}
 
 		h, err := ReadHeader(cur)
@@ -90,7 +90,7 @@ func Chain(ctx context.Context, path string) ([]Link, error) {
 			return links, nil
 		}
 		if len(links) > MaxChainDepth {
-			return links, &ChainError{Path: path, Reason: fmt.Sprintf("more than %d backing links", MaxChainDepth)}
+			return links, &ChainError{Path: path, Reason: fmt.Sprintf("it has more than %d backing links", MaxChainDepth)}
 		}
 		referrer, name = cur, h.BackingFile
 		cur, format = ResolveBacking(cur, h.BackingFile), h.BackingFormat
@@ -125,10 +125,11 @@ type Expect struct {
 	BackingFormat string
 }
 
-// Verify reads the overlay's header and checks it against want without
+// Verify reads the overlay's header and checks it against want, without
 // opening anything the header names. A well-formed header that names a
-// different backing file or format, or enables encryption, is reported as
-// a *TamperedError; header errors are returned as ReadHeader reports them.
+// different backing file or format, or that enables encryption, is reported
+// as a *TamperedError. Errors in the header itself are returned as
+// ReadHeader reports them.
 func Verify(path string, want Expect) (*Header, error) {
 	h, err := ReadHeader(path)
 	if err != nil {

@@ -5,39 +5,40 @@ import (
 	"fmt"
 )
 
-// ErrInvalidOption marks a request the writer refuses before touching disk:
-// a bad backing name, format or size. Callers map it to InvalidArgument.
+// ErrInvalidOption marks a request that the writer refuses before it touches
+// the disk, such as a bad backing name, format or size. Callers map it to
+// InvalidArgument.
 var ErrInvalidOption = errors.New("invalid qcow2 option")
 
 // CorruptError means the bytes at Path are not a qcow2 image this package
 // accepts. Upstream's reuse rules discard a corrupt disposable overlay and
-// recreate it, so this must never be returned for an I/O failure.
+// recreate it, so an I/O failure must never be reported as a CorruptError.
 type CorruptError struct {
 	Path   string
 	Reason string
 }
 
 func (e *CorruptError) Error() string {
-	return fmt.Sprintf("qcow2 %s: corrupt: %s", e.Path, e.Reason)
+	return fmt.Sprintf("qcow2 image %s is corrupt: %s", e.Path, e.Reason)
 }
 
-// IOError means the image could not be read at all (open, stat or read
-// failed). The bytes may be intact, so callers must not delete the file.
+// IOError means the image could not be read at all, because open, stat or
+// read failed. The bytes may be intact, so callers must not delete the file.
 type IOError struct {
 	Path string
-	Op   string
+	Op   string // "open", "stat" or "read"
 	Err  error
 }
 
 func (e *IOError) Error() string {
-	return fmt.Sprintf("qcow2 %s: %s: %v", e.Path, e.Op, e.Err)
+	return fmt.Sprintf("cannot %s image %s: %v", e.Op, e.Path, e.Err)
 }
 
 func (e *IOError) Unwrap() error { return e.Err }
 
 // TamperedError means a well-formed overlay differs from what boxlite-csi
-// wrote: someone with write access to the box rewrote it. The overlay must
-// be refused and its backing name never opened.
+// wrote, so someone with write access to the box rewrote it. The overlay
+// must be refused, and the backing file it names must never be opened.
 type TamperedError struct {
 	Path  string
 	Field string
@@ -46,7 +47,7 @@ type TamperedError struct {
 }
 
 func (e *TamperedError) Error() string {
-	return fmt.Sprintf("qcow2 %s: tampered: %s is %q, expected %q; refusing to use it", e.Path, e.Field, e.Got, e.Want)
+	return fmt.Sprintf("qcow2 image %s was tampered with (its %s is %q, expected %q), so boxlite-csi refuses to use it", e.Path, e.Field, e.Got, e.Want)
 }
 
 // MissingBackingError means an overlay names a backing file that does not
@@ -63,15 +64,16 @@ func (e *MissingBackingError) Error() string {
 
 func (e *MissingBackingError) Unwrap() error { return e.Err }
 
-// ChainError reports a backing chain that cannot be walked safely: too long
-// or looping back on itself.
+// ChainError reports a backing chain that cannot be walked safely. The chain
+// is too long, loops back on itself, holds something other than a regular
+// file, or names a backing format other than raw and qcow2.
 type ChainError struct {
 	Path   string
 	Reason string
 }
 
 func (e *ChainError) Error() string {
-	return fmt.Sprintf("qcow2 backing chain of %s: %s", e.Path, e.Reason)
+	return fmt.Sprintf("cannot follow the qcow2 backing chain of %s: %s", e.Path, e.Reason)
 }
 
 // IsCorrupt reports whether err says the image bytes are not a valid qcow2.

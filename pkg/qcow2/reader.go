@@ -13,10 +13,12 @@ import (
 // ReadHeader parses the header of the qcow2 image at path.
 //
 // It returns a *CorruptError when the bytes are not an image this package
-// accepts, and an *IOError when the file cannot be opened, stat'ed or read
-// (a directory at path is an I/O error: nothing about it says the overlay
-// the caller wanted is corrupt). It reads at most cluster 0 plus the L1
-// bounds, and never allocates more than the file's size.
+// accepts. It returns an *IOError when the file cannot be opened, stat'ed or
+// read. A directory at path is an I/O error too, because nothing about a
+// directory says that the overlay the caller wanted is corrupt.
+//
+// ReadHeader reads at most cluster 0, and it never allocates more than the
+// file's size.
 func ReadHeader(path string) (*Header, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -39,166 +41,177 @@ func ParseHeader(name string, r io.ReaderAt, size int64) (*Header, error) {
 	return parseHeader(name, r, size)
 }
 
-// headerParser carries what every check needs to report its finding.
+// parseHeader reads and checks a header in a fixed order of steps. The
+// bytes come from a file a hostile guest may have written, so every step
+// bounds its reads by the file's size and by what the earlier steps have
+// already checked. The order also decides which error an image with several
+// faults gets, because the first check that fails wins.
+func parseHeader(path string, r io.ReaderAt, fileSize int64) (*Header, error) {
+	p := &headerParser{path: path, r: r, fileSize: fileSize}
+	h, err := p.readFixedFields()
+	if err != nil {
+		return nil, err
+	}
+	steps := []func(*Header) error{
+		p.checkFixedFields,
+		p.checkFeatureBits,
+		p.checkVirtualSize,
+		p.readExtensions,
+		p.readBackingName,
+		p.checkTables,
+	}
+	for _, step := range steps {
+		if err := step(h); err != nil {
+			return nil, err
+		}
+	}
+	return h, nil
+}
+
+// headerParser holds what every step of parseHeader needs. That is where to
+// read, how long the file is, and the name to report in errors.
 type headerParser struct {
-	path string
-	r    io.ReaderAt
+	path     string
+	r        io.ReaderAt
+	fileSize int64
 }
 
 func (p *headerParser) corrupt(format string, args ...any) error {
 	return &CorruptError{Path: p.path, Reason: fmt.Sprintf(format, args...)}
 }
 
+// readAt fills b from offset off. Every caller has checked that the bytes
+// lie inside the file, so a short read means the file shrank while we read
+// it. That says nothing about corruption, so it is an I/O error.
 func (p *headerParser) readAt(b []byte, off int64) error {
 	n, err := p.r.ReadAt(b, off)
 	if n == len(b) {
 		return nil
 	}
 	if err == nil || err == io.EOF {
-		// Sizes are checked against the file length first, so a short read
-		// means the file shrank under us: not evidence of corruption.
 		err = io.ErrUnexpectedEOF
 	}
 	return &IOError{Path: p.path, Op: "read", Err: err}
 }
 
-func parseHeader(path string, r io.ReaderAt, fileSize int64) (*Header, error) {
-	p := &headerParser{path: path, r: r}
-	corrupt, readAt := p.corrupt, p.readAt
-
-	if fileSize < v2HeaderLen {
-		return nil, corrupt("truncated header: file is %d bytes, a header needs at least %d", fileSize, v2HeaderLen)
+// readFixedFields reads and decodes the fixed part of the header, which is
+// 72 bytes in version 2 and 104 in version 3. Before decoding, it checks
+// only what decoding needs: the length of the file, the magic and the
+// version.
+func (p *headerParser) readFixedFields() (*Header, error) {
+	if p.fileSize < v2HeaderLen {
+		return nil, p.corrupt("truncated header (the file is %d bytes, and a header needs at least %d)", p.fileSize, v2HeaderLen)
 	}
 	var fixed [v3HeaderLen]byte
-	n := int64(len(fixed))
-	if fileSize < n {
-		n = fileSize
-	}
-	if err := readAt(fixed[:n], 0); err != nil {
+	n := min(p.fileSize, int64(len(fixed)))
+	if err := p.readAt(fixed[:n], 0); err != nil {
 		return nil, err
 	}
-	if m := binary.BigEndian.Uint32(fixed[:4]); m != Magic {
-		return nil, corrupt("bad magic %#08x, want %#08x", m, Magic)
+	if m := binary.BigEndian.Uint32(fixed[offMagic:]); m != Magic {
+		return nil, p.corrupt("bad magic %#08x, want %#08x", m, Magic)
 	}
 	h := &Header{}
-	switch v := binary.BigEndian.Uint32(fixed[4:]); v {
+	switch v := binary.BigEndian.Uint32(fixed[offVersion:]); v {
 	case 2:
 		h.unmarshal(fixed[:v2HeaderLen])
 	case 3:
 		if n < v3HeaderLen {
-			return nil, corrupt("truncated header: file is %d bytes, a version 3 header needs %d", fileSize, v3HeaderLen)
+			return nil, p.corrupt("truncated header (the file is %d bytes, and a version 3 header needs %d)", p.fileSize, v3HeaderLen)
 		}
 		h.unmarshal(fixed[:])
 	default:
-		return nil, corrupt("unsupported version %d (want 2 or 3)", v)
-	}
-
-	if h.ClusterBits < minClusterBits || h.ClusterBits > maxClusterBits {
-		return nil, corrupt("cluster_bits %d out of range %d..%d", h.ClusterBits, minClusterBits, maxClusterBits)
-	}
-	cluster := h.ClusterSize()
-	if h.Version == 3 {
-		if h.HeaderLength < v3HeaderLen || h.HeaderLength%8 != 0 || uint64(h.HeaderLength) > cluster {
-			return nil, corrupt("header_length %d invalid (must be a multiple of 8 between %d and the cluster size %d)", h.HeaderLength, v3HeaderLen, cluster)
-		}
-		if int64(h.HeaderLength) > fileSize {
-			return nil, corrupt("truncated header: header_length %d exceeds file size %d", h.HeaderLength, fileSize)
-		}
-		if h.RefcountOrder > 6 {
-			return nil, corrupt("refcount_order %d out of range 0..6", h.RefcountOrder)
-		}
-	}
-	if unknown := h.IncompatibleFeatures &^ incompatKnown; unknown != 0 {
-		return nil, corrupt("unknown incompatible feature bits %#x", unknown)
-	}
-	if h.IncompatibleFeatures&IncompatCorrupt != 0 {
-		return nil, corrupt("QEMU marked the image corrupt (incompatible feature bit 1)")
-	}
-	if h.IncompatibleFeatures&IncompatExternalData != 0 {
-		return nil, corrupt("external data file bit set: guest data would live in another file")
-	}
-	if h.Size > MaxVirtualSize {
-		return nil, corrupt("virtual size %d exceeds the maximum %d", h.Size, MaxVirtualSize)
-	}
-
-	// Extensions live between the header and the backing name (or the end
-	// of cluster 0), as QEMU reads them.
-	extLimit := cluster
-	if h.BackingFileOffset != 0 && h.BackingFileOffset < extLimit {
-		extLimit = h.BackingFileOffset
-	}
-	if uint64(fileSize) < extLimit {
-		extLimit = uint64(fileSize)
-	}
-	if err := p.readExtensions(h, uint64(h.HeaderLength), extLimit); err != nil {
-		return nil, err
-	}
-
-	if h.BackingFileOffset != 0 {
-		if h.BackingFileSize > MaxBackingNameLen {
-			return nil, corrupt("backing name length %d exceeds %d", h.BackingFileSize, MaxBackingNameLen)
-		}
-		end := h.BackingFileOffset + uint64(h.BackingFileSize)
-		if end < h.BackingFileOffset || end > cluster {
-			return nil, corrupt("backing name at %#x+%d does not fit in cluster 0", h.BackingFileOffset, h.BackingFileSize)
-		}
-		if end > uint64(fileSize) {
-			return nil, corrupt("truncated backing name: %d bytes at %#x, file is %d bytes", h.BackingFileSize, h.BackingFileOffset, fileSize)
-		}
-		name := make([]byte, h.BackingFileSize)
-		if err := readAt(name, int64(h.BackingFileOffset)); err != nil {
-			return nil, err
-		}
-		if i := bytes.IndexByte(name, 0); i >= 0 {
-			return nil, corrupt("backing name contains NUL at byte %d", i)
-		}
-		if !utf8.Valid(name) {
-			return nil, corrupt("backing name is not valid UTF-8: %q", name)
-		}
-		h.BackingFile = string(name)
-	}
-
-	// L1 table: QEMU refuses an image whose L1 cannot map the virtual size,
-	// and a table that runs past EOF means the file was cut short.
-	if need := l1Entries(h.Size, h.ClusterBits); uint64(h.L1Size) < need {
-		return nil, corrupt("L1 table too small: %d entries, virtual size %d needs %d", h.L1Size, h.Size, need)
-	}
-	if h.L1TableOffset%cluster != 0 || h.L1TableOffset == 0 {
-		return nil, corrupt("L1 table offset %#x is not a non-zero multiple of the cluster size", h.L1TableOffset)
-	}
-	if end := h.L1TableOffset + uint64(h.L1Size)*8; end < h.L1TableOffset || end > uint64(fileSize) {
-		return nil, corrupt("L1 table past EOF: offset %#x + %d entries, file is %d bytes", h.L1TableOffset, h.L1Size, fileSize)
-	}
-	if h.RefcountTableOffset%cluster != 0 || h.RefcountTableOffset == 0 || h.RefcountTableOffset >= uint64(fileSize) {
-		return nil, corrupt("refcount table offset %#x invalid or past EOF (file is %d bytes)", h.RefcountTableOffset, fileSize)
+		return nil, p.corrupt("unsupported version %d (want 2 or 3)", v)
 	}
 	return h, nil
 }
 
-// readExtensions walks the header extensions in [start, limit) and records
-// the backing format. It reads only the 8-byte extension headers and the
-// data of extensions it understands, so a hostile length cannot make it
-// allocate.
-func (p *headerParser) readExtensions(h *Header, start, limit uint64) error {
+// checkFixedFields checks cluster_bits and, in version 3, header_length and
+// refcount_order. The later steps rely on the cluster size and the header
+// length to bound their reads. Version 2 has neither header_length nor
+// refcount_order, and unmarshal has already filled in the values the spec
+// implies.
+func (p *headerParser) checkFixedFields(h *Header) error {
+	if h.ClusterBits < minClusterBits || h.ClusterBits > maxClusterBits {
+		return p.corrupt("cluster_bits %d out of range %d..%d", h.ClusterBits, minClusterBits, maxClusterBits)
+	}
+	if h.Version != 3 {
+		return nil
+	}
+	cluster := h.ClusterSize()
+	if h.HeaderLength < v3HeaderLen || h.HeaderLength%8 != 0 || uint64(h.HeaderLength) > cluster {
+		return p.corrupt("header_length %d is invalid (it must be a multiple of 8 from %d up to the cluster size %d)", h.HeaderLength, v3HeaderLen, cluster)
+	}
+	if int64(h.HeaderLength) > p.fileSize {
+		return p.corrupt("truncated header (header_length is %d, but the file is %d bytes)", h.HeaderLength, p.fileSize)
+	}
+	if h.RefcountOrder > maxRefcountOrder {
+		return p.corrupt("refcount_order %d out of range 0..%d", h.RefcountOrder, maxRefcountOrder)
+	}
+	return nil
+}
+
+// checkFeatureBits refuses incompatible feature bits this package does not
+// know. It also refuses two known bits that make an image unusable here,
+// QEMU's corrupt mark and an external data file.
+func (p *headerParser) checkFeatureBits(h *Header) error {
+	if unknown := h.IncompatibleFeatures &^ incompatKnown; unknown != 0 {
+		return p.corrupt("unknown incompatible feature bits %#x", unknown)
+	}
+	if h.IncompatibleFeatures&IncompatCorrupt != 0 {
+		return p.corrupt("QEMU marked the image corrupt (incompatible feature bit 1)")
+	}
+	if h.IncompatibleFeatures&IncompatExternalData != 0 {
+		return p.corrupt("external data file bit is set, so guest data would live in another file")
+	}
+	return nil
+}
+
+// checkVirtualSize refuses a size that QEMU would not open.
+func (p *headerParser) checkVirtualSize(h *Header) error {
+	if h.Size > MaxVirtualSize {
+		return p.corrupt("virtual size %d exceeds the maximum %d", h.Size, MaxVirtualSize)
+	}
+	return nil
+}
+
+// readExtensions reads the header extensions and records the backing
+// format. Like QEMU, it looks for them between the end of the header and
+// the backing name, or the end of cluster 0 when there is no name. It never
+// looks past the end of the file.
+func (p *headerParser) readExtensions(h *Header) error {
+	limit := h.ClusterSize()
+	if h.BackingFileOffset != 0 && h.BackingFileOffset < limit {
+		limit = h.BackingFileOffset
+	}
+	if uint64(p.fileSize) < limit {
+		limit = uint64(p.fileSize)
+	}
+	return p.walkExtensions(h, uint64(h.HeaderLength), limit)
+}
+
+// walkExtensions walks the header extensions in [start, limit). It reads
+// only the 8-byte extension headers and the data of the one extension it
+// understands, so a hostile length cannot make it allocate.
+func (p *headerParser) walkExtensions(h *Header, start, limit uint64) error {
 	off := start
-	for off+8 <= limit {
-		var eh [8]byte
+	for off+extHeaderLen <= limit {
+		var eh [extHeaderLen]byte
 		if err := p.readAt(eh[:], int64(off)); err != nil {
 			return err
 		}
-		typ := binary.BigEndian.Uint32(eh[0:])
-		length := uint64(binary.BigEndian.Uint32(eh[4:]))
+		typ := binary.BigEndian.Uint32(eh[0:4])
+		length := uint64(binary.BigEndian.Uint32(eh[4:8]))
 		if typ == extEnd {
 			return nil
 		}
-		data := off + 8
+		data := off + extHeaderLen
 		next := data + uint64(pad8(int(length)))
 		if next > limit {
 			return p.corrupt("header extension %#x at %#x (length %d) runs past %#x", typ, off, length, limit)
 		}
 		if typ == extBackingFormat {
-			if length == 0 || length > 16 {
-				return p.corrupt("backing format extension length %d invalid", length)
+			if length == 0 || length > maxBackingFormatLen {
+				return p.corrupt("backing format extension has invalid length %d (want 1 to %d)", length, maxBackingFormatLen)
 			}
 			b := make([]byte, length)
 			if err := p.readAt(b, int64(data)); err != nil {
@@ -211,7 +224,58 @@ func (p *headerParser) readExtensions(h *Header, start, limit uint64) error {
 		}
 		off = next
 	}
-	// Running out of room without an end marker is tolerated, as QEMU does
-	// for images whose extensions exactly fill the space.
+	// QEMU also accepts extensions that fill the space exactly, with no
+	// room left for an end marker.
+	return nil
+}
+
+// readBackingName reads the backing file name, if the image has one. The
+// name must fit in cluster 0, as QEMU requires, and in the file.
+func (p *headerParser) readBackingName(h *Header) error {
+	if h.BackingFileOffset == 0 {
+		return nil
+	}
+	if h.BackingFileSize > MaxBackingNameLen {
+		return p.corrupt("backing name length %d exceeds %d", h.BackingFileSize, MaxBackingNameLen)
+	}
+	end := h.BackingFileOffset + uint64(h.BackingFileSize)
+	if end < h.BackingFileOffset || end > h.ClusterSize() {
+		return p.corrupt("backing name of %d bytes at %#x does not fit in cluster 0", h.BackingFileSize, h.BackingFileOffset)
+	}
+	if end > uint64(p.fileSize) {
+		return p.corrupt("truncated backing name (%d bytes at %#x, but the file is %d bytes)", h.BackingFileSize, h.BackingFileOffset, p.fileSize)
+	}
+	name := make([]byte, h.BackingFileSize)
+	if err := p.readAt(name, int64(h.BackingFileOffset)); err != nil {
+		return err
+	}
+	if i := bytes.IndexByte(name, 0); i >= 0 {
+		return p.corrupt("backing name contains NUL at byte %d", i)
+	}
+	if !utf8.Valid(name) {
+		return p.corrupt("backing name %q is not valid UTF-8", name)
+	}
+	h.BackingFile = string(name)
+	return nil
+}
+
+// checkTables checks where the L1 and refcount tables are. QEMU refuses an
+// image whose L1 table cannot map the virtual size, and a table that runs
+// past the end of the file means the file was cut short. The tables
+// themselves are not read.
+func (p *headerParser) checkTables(h *Header) error {
+	cluster := h.ClusterSize()
+	if need := l1Entries(h.Size, h.ClusterBits); uint64(h.L1Size) < need {
+		return p.corrupt("L1 table too small (it has %d entries, and virtual size %d needs %d)", h.L1Size, h.Size, need)
+	}
+	if h.L1TableOffset%cluster != 0 || h.L1TableOffset == 0 {
+		return p.corrupt("L1 table offset %#x is zero or not a multiple of the cluster size", h.L1TableOffset)
+	}
+	if end := h.L1TableOffset + uint64(h.L1Size)*l1EntrySize; end < h.L1TableOffset || end > uint64(p.fileSize) {
+		return p.corrupt("L1 table past EOF (%d entries at %#x, but the file is %d bytes)", h.L1Size, h.L1TableOffset, p.fileSize)
+	}
+	if h.RefcountTableOffset%cluster != 0 || h.RefcountTableOffset == 0 || h.RefcountTableOffset >= uint64(p.fileSize) {
+		return p.corrupt("refcount table offset %#x is zero, not a multiple of the cluster size, or past EOF (the file is %d bytes)", h.RefcountTableOffset, p.fileSize)
+	}
 	return nil
 }

@@ -228,3 +228,40 @@ func TestReadHeaderVersion2(t *testing.T) {
 }
 
 var _ io.ReaderAt = failingReader{}
+
+// TestReadHeaderPrecedence pins which fault is reported when an image has
+// several. parseHeader runs its checks in a fixed order, and the first one
+// that fails decides the error.
+func TestReadHeaderPrecedence(t *testing.T) {
+	type patchAt struct {
+		off int64
+		b   []byte
+	}
+	const nameOff = 128 // as in TestReadHeaderSeedTable
+	cases := []struct {
+		name       string
+		patches    []patchAt
+		wantReason string
+	}{
+		{"cluster_bits before header_length", []patchAt{{20, be32(8)}, {100, be32(1 << 20)}}, "cluster_bits 8"},
+		{"header_length before feature bits", []patchAt{{100, be32(1 << 20)}, {72, be64(1 << 5)}}, "header_length"},
+		{"feature bits before virtual size", []patchAt{{72, be64(IncompatCorrupt)}, {24, be64(MaxVirtualSize + 1)}}, "marked the image corrupt"},
+		{"virtual size before extensions", []patchAt{{24, be64(MaxVirtualSize + 1)}, {108, be32(4096)}}, "virtual size"},
+		{"extensions before backing name", []patchAt{{108, be32(4096)}, {nameOff, []byte{0}}}, "header extension"},
+		{"backing name before tables", []patchAt{{nameOff, []byte{0xff}}, {36, be32(0)}}, "not valid UTF-8"},
+		{"L1 table before refcount table", []patchAt{{40, be64(64 << 20)}, {48, be64(1 << 30)}}, "L1 table past EOF"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newOverlay(t, t.TempDir(), "o.qcow2", OverlayOptions{BackingFile: "base.raw"})
+			for _, pa := range tc.patches {
+				patch(t, p, pa.off, pa.b)
+			}
+			_, err := ReadHeader(p)
+			var ce *CorruptError
+			if !errors.As(err, &ce) || !strings.Contains(ce.Reason, tc.wantReason) {
+				t.Fatalf("err = %v, want a CorruptError mentioning %q", err, tc.wantReason)
+			}
+		})
+	}
+}

@@ -15,7 +15,7 @@ import (
 
 // OverlayOptions describes an empty overlay to create.
 type OverlayOptions struct {
-	// BackingFile is recorded verbatim. A relative name is resolved by QEMU
+	// BackingFile is recorded verbatim. QEMU resolves a relative name
 	// against the overlay's directory, which is what lets a box be moved or
 	// bind-mounted whole.
 	BackingFile string
@@ -24,15 +24,15 @@ type OverlayOptions struct {
 	// Size is the virtual size in bytes. It is rounded up to a multiple of
 	// 512, as qemu-img does.
 	Size uint64
-	// NoSync skips fsync. The file still appears atomically, but may vanish
-	// on a crash. Only for tests and benchmarks.
+	// NoSync skips fsync. The file still appears atomically, but it may
+	// vanish on a crash. It is meant only for tests and benchmarks.
 	NoSync bool
 }
 
-// overlayLayout is where each structure of an empty overlay lives. Putting
-// the refcount structures before the L1 table keeps their positions fixed
-// whatever the virtual size, so the L1 table can never overlap them (the
-// upstream bug at 10 GiB).
+// overlayLayout is where each structure of an empty overlay lives. The
+// refcount structures come before the L1 table, so their positions stay
+// fixed whatever the virtual size and the L1 table can never overlap them.
+// Upstream's writer had that overlap at 10 GiB.
 type overlayLayout struct {
 	header     []byte // cluster 0, up to and including the backing name
 	l1Entries  uint64
@@ -44,7 +44,8 @@ const (
 	refcountTableCluster = 1
 	refcountBlockCluster = 2
 	l1FirstCluster       = 3
-	// refcountsPerBlock at refcount_order 4 (16-bit entries).
+	// refcountsPerBlock is how many 16-bit refcounts (refcount_order 4) fit
+	// in one cluster.
 	refcountsPerBlock = ClusterSize / 2
 )
 
@@ -54,15 +55,15 @@ func (o *OverlayOptions) validate() (uint64, error) {
 	case o.BackingFile == "":
 		return 0, fmt.Errorf("%w: backing file name is empty", ErrInvalidOption)
 	case len(o.BackingFile) > MaxBackingNameLen:
-		return 0, fmt.Errorf("%w: backing file name is %d bytes, at most %d allowed", ErrInvalidOption, len(o.BackingFile), MaxBackingNameLen)
+		return 0, fmt.Errorf("%w: backing file name is %d bytes, and at most %d are allowed", ErrInvalidOption, len(o.BackingFile), MaxBackingNameLen)
 	case containsNUL(o.BackingFile):
 		return 0, fmt.Errorf("%w: backing file name %q contains NUL", ErrInvalidOption, o.BackingFile)
 	case !utf8.ValidString(o.BackingFile):
-		// The reader refuses such names, so never write one.
+		// The reader refuses such names, so the writer never writes one.
 		return 0, fmt.Errorf("%w: backing file name %q is not valid UTF-8", ErrInvalidOption, o.BackingFile)
 	}
 	if o.BackingFormat != FormatRaw && o.BackingFormat != FormatQcow2 {
-		return 0, fmt.Errorf("%w: backing format %q, want %q or %q", ErrInvalidOption, o.BackingFormat, FormatRaw, FormatQcow2)
+		return 0, fmt.Errorf("%w: backing format %q is neither %q nor %q", ErrInvalidOption, o.BackingFormat, FormatRaw, FormatQcow2)
 	}
 	if o.Size == 0 {
 		return 0, fmt.Errorf("%w: virtual size is zero", ErrInvalidOption)
@@ -120,16 +121,19 @@ func (o *OverlayOptions) layout(size uint64) overlayLayout {
 // CreateOverlay writes an empty qcow2 v3 overlay at path over the given
 // backing file. Every read of the new image falls through to the backing.
 //
-// The file appears at path only when complete: it is written as an unnamed
-// O_TMPFILE in the same directory (or a dot-named temp file where O_TMPFILE
-// is unsupported), its data written out, then linked into place and synced.
-// Syncing after the link costs one journal commit instead of the two of the
-// classic fsync-file, rename, fsync-directory sequence, with the same
-// guarantee: after a crash the path is either absent or complete. Linking never replaces
-// an existing file: if path exists, the error wraps fs.ErrExist and the
-// existing file is untouched. Only the header and the two refcount
-// structures are written, so the overlay allocates three filesystem blocks
-// whatever its virtual size.
+// The file appears at path only when it is complete. It is written as an
+// unnamed O_TMPFILE in the same directory (or as a dot-named temp file where
+// O_TMPFILE is unsupported), its data is written out, and then it is linked
+// into place and synced. Syncing after the link costs one journal commit,
+// where the classic sequence of fsync, rename and fsync of the directory
+// costs two, and the guarantee is the same: after a crash the path is
+// either absent or complete.
+//
+// Linking never replaces an existing file. If path exists, the error wraps
+// fs.ErrExist and the existing file is untouched.
+//
+// Only the header and the two refcount structures are written, so the
+// overlay allocates three filesystem blocks whatever its virtual size.
 func CreateOverlay(ctx context.Context, path string, opts OverlayOptions) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("create overlay %s: %w", path, err)
@@ -154,12 +158,12 @@ func CreateOverlay(ctx context.Context, path string, opts OverlayOptions) error 
 	}()
 
 	if err := writeOverlay(f, lo); err != nil {
-		return fmt.Errorf("create overlay %s: write %s: %w", path, f.Name(), err)
+		return fmt.Errorf("create overlay %s: write the new file: %w", path, err)
 	}
 	if !opts.NoSync {
-		// Write the data out (without a journal commit) before the file
-		// gets its name, so no commit can ever publish the name while the
-		// data is still only in the page cache.
+		// Write the data out, without a journal commit, before the file
+		// gets its name. Then no commit can publish the name while the data
+		// is still only in the page cache.
 		if err := unix.SyncFileRange(int(f.Fd()), 0, 0,
 			unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER); err != nil {
 			return fmt.Errorf("create overlay %s: sync_file_range: %w", path, err)
@@ -170,20 +174,20 @@ func CreateOverlay(ctx context.Context, path string, opts OverlayOptions) error 
 	}
 	ok = true
 	if tmpName != "" {
-		// The final name holds the inode now; a leftover temp name would
+		// The final name holds the inode now. A leftover temp name would
 		// only be clutter, so a failure to remove it is not fatal.
 		_ = os.Remove(tmpName)
 	}
 	if !opts.NoSync {
 		// One commit makes the inode, its block map and the new directory
-		// entry durable together: the link updated the inode in the same
-		// journal transaction as the entry. The cache flush that precedes
-		// the commit record also makes the data written above durable.
+		// entry durable together, because the link updated the inode in the
+		// same journal transaction as the entry. The cache flush before the
+		// commit record also makes the data written above durable.
 		if err := f.Sync(); err != nil {
 			return fmt.Errorf("create overlay %s: fsync: %w", path, err)
 		}
-		// On ext4 and XFS the entry is already durable and this costs no
-		// commit; it covers filesystems that log directories separately.
+		// On ext4 and XFS the entry is already durable, and this costs no
+		// commit. It covers filesystems that log directories separately.
 		if err := syncDir(dir); err != nil {
 			return fmt.Errorf("create overlay %s: %w", path, err)
 		}
@@ -201,11 +205,12 @@ func writeOverlay(f *os.File, lo overlayLayout) error {
 	if _, err := f.WriteAt(rt[:], refcountTableCluster*ClusterSize); err != nil {
 		return err
 	}
-	// Every cluster in use (header, refcount table and block, L1) has
-	// refcount exactly 1; QEMU reports any other value as corruption.
+	// Every cluster in use (the header, the refcount table and block, and
+	// the L1 table) has a refcount of exactly 1. QEMU reports any other
+	// value as corruption.
 	used := l1FirstCluster + lo.l1Clusters
 	if used > refcountsPerBlock {
-		return fmt.Errorf("internal: %d clusters exceed one refcount block", used)
+		return fmt.Errorf("internal error: %d clusters do not fit in one refcount block", used)
 	}
 	rb := make([]byte, used*2)
 	for i := range used {
@@ -214,13 +219,14 @@ func writeOverlay(f *os.File, lo overlayLayout) error {
 	if _, err := f.WriteAt(rb, refcountBlockCluster*ClusterSize); err != nil {
 		return err
 	}
-	// The L1 table is all zeros: leave it as a hole.
+	// The L1 table is all zeros, so it is left as a hole.
 	return f.Truncate(lo.fileSize)
 }
 
 // openUnnamed opens a file in dir that has no name yet, so a crash before
-// linkInto leaves nothing behind. Filesystems without O_TMPFILE get a
-// dot-named temp file, returned as tmpName for the caller to clean up.
+// linkInto leaves nothing behind. On filesystems without O_TMPFILE it
+// creates a dot-named temp file instead, and returns its name as tmpName
+// for the caller to clean up.
 func openUnnamed(dir string) (*os.File, string, error) {
 	fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_RDWR|unix.O_CLOEXEC, 0o644)
 	if err == nil {
@@ -236,23 +242,28 @@ func openUnnamed(dir string) (*os.File, string, error) {
 	return f, f.Name(), nil
 }
 
-// linkInto gives the file its final name without ever replacing one.
+// linkInto gives the file its final name without ever replacing one. Its
+// errors do not name path, because the caller's error does.
 func linkInto(f *os.File, tmpName, path string) error {
 	if tmpName != "" {
 		if err := os.Link(tmpName, path); err != nil {
-			return fmt.Errorf("link into place: %w", err)
+			var le *os.LinkError
+			if errors.As(err, &le) {
+				err = le.Err
+			}
+			return fmt.Errorf("link the new file into place: %w", err)
 		}
 		return nil
 	}
-	// AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH (without it the kernel says
-	// ENOENT); the /proc route does not.
+	// Linking with AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH, and without it
+	// the kernel returns ENOENT. Linking through /proc needs no capability.
 	err := unix.Linkat(int(f.Fd()), "", unix.AT_FDCWD, path, unix.AT_EMPTY_PATH)
 	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.ENOENT) {
 		procPath := "/proc/self/fd/" + strconv.Itoa(int(f.Fd()))
 		err = unix.Linkat(unix.AT_FDCWD, procPath, unix.AT_FDCWD, path, unix.AT_SYMLINK_FOLLOW)
 	}
 	if err != nil {
-		return fmt.Errorf("link into place: %w", &os.LinkError{Op: "link", Old: f.Name(), New: path, Err: err})
+		return fmt.Errorf("link the new file into place: %w", err)
 	}
 	return nil
 }
