@@ -6,13 +6,13 @@ package driver
 // through these functions, so each step has one implementation.
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"maps"
 	"os"
@@ -25,18 +25,14 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
+	"github.com/boxlite-csi/boxlite-csi/internal/safeopen"
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
-	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/source"
 )
 
 const (
 	manifestName    = "box.json"
 	manifestVersion = 1
-	// maxBoxJSONBytes bounds what is read back from box.json, which a pod
-	// with the box mounted could have rewritten. (Image manifests have a
-	// limit of their own, source.Options.MaxManifestBytes.)
-	maxBoxJSONBytes = 1 << 20
 )
 
 // volumeIDForName derives the volume ID from the CreateVolume name, so a
@@ -46,36 +42,24 @@ func volumeIDForName(name string) string {
 	return "bx-" + hex.EncodeToString(sum[:20])
 }
 
-// boxManifest is <box>/box.json. It records what the volume is, for three
-// readers: CreateVolume's idempotency check, re-staging after a restart,
-// and the runtime that boots the box (image config, virtual size, backing).
+// boxManifest is <box>/box.json, the runtime's manifest of the box: the
+// volume record, plus what the runtime needs to boot it (virtual size and
+// backing of the overlay). The plugin writes it and never reads it back.
 type boxManifest struct {
-	Version  int    `json:"version"`
-	VolumeID string `json:"volumeID"`
-	// Name is the CreateVolume name; empty for inline ephemeral volumes.
-	Name      string            `json:"name,omitempty"`
-	Ephemeral bool              `json:"ephemeral,omitempty"`
-	Params    map[string]string `json:"parameters"`
-	Capacity  int64             `json:"capacityBytes"`
-
-	Image  string `json:"image"`
-	Digest string `json:"digest"`
-	Pinned string `json:"pinned"`
-	source.Config
-
+	volumeRecord
 	VirtualSize uint64 `json:"virtualSize,omitempty"`
 	Backing     string `json:"backing,omitempty"`
 }
 
 // sameVolume reports whether a repeated CreateVolume asks for the volume
-// this manifest records.
-func (m *boxManifest) sameVolume(name string, params map[string]string, capacity int64) bool {
-	return m.Name == name && maps.Equal(m.Params, params) && m.Capacity == capacity
+// this record describes.
+func (r *volumeRecord) sameVolume(name string, params map[string]string, capacity int64) bool {
+	return r.Name == name && maps.Equal(r.Params, params) && r.Capacity == capacity
 }
 
-// newManifest resolves the image the parameters name and returns the
-// manifest of a new box for it. The caller fills in name and capacity.
-func (d *Driver) newManifest(ctx context.Context, id string, p volumeParams, params, secrets map[string]string) (*boxManifest, error) {
+// newRecord resolves the image the parameters name and returns the
+// record of a new volume for it. The caller fills in name and capacity.
+func (d *Driver) newRecord(ctx context.Context, id string, p volumeParams, params, secrets map[string]string) (*volumeRecord, error) {
 	rctx, cancel := context.WithTimeout(ctx, resolveTimeout)
 	defer cancel()
 	img, err := d.resolve(rctx, p, secrets)
@@ -86,8 +70,8 @@ func (d *Driver) newManifest(ctx context.Context, id string, p volumeParams, par
 	if err != nil {
 		return nil, err
 	}
-	return &boxManifest{
-		Version:  manifestVersion,
+	return &volumeRecord{
+		Version:  recordVersion,
 		VolumeID: id,
 		Params:   userParams(params),
 		Image:    p.Image,
@@ -97,28 +81,14 @@ func (d *Driver) newManifest(ctx context.Context, id string, p volumeParams, par
 	}, nil
 }
 
-func readManifest(box layout.Box) (*boxManifest, error) {
-	p := box.ManifestPath()
-	f, err := os.Open(p)
+// encodeManifest is the content of box.json.
+func encodeManifest(m *boxManifest) ([]byte, error) {
+	m.Version = manifestVersion
+	b, err := json.MarshalIndent(m, "", "  ")
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, maxBoxJSONBytes+1))
-	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", p, err)
-	}
-	if len(b) > maxBoxJSONBytes {
-		return nil, fmt.Errorf("%s is larger than %d bytes", p, maxBoxJSONBytes)
-	}
-	var m boxManifest
-	if err := json.Unmarshal(b, &m); err != nil {
-		return nil, fmt.Errorf("parse %s: %w", p, err)
-	}
-	if m.VolumeID != box.ID() {
-		return nil, fmt.Errorf("%s belongs to volume %q, not %q", p, m.VolumeID, box.ID())
-	}
-	return &m, nil
+	return append(b, '\n'), nil
 }
 
 // writeManifest replaces dir/box.json atomically: after a crash it is the
@@ -129,11 +99,10 @@ func readManifest(box layout.Box) (*boxManifest, error) {
 // createBox makes a new box durable with one fsync of boxes/, whose commit
 // carries the manifest, its directory and the rename together.
 func writeManifest(dir string, m *boxManifest) error {
-	b, err := json.MarshalIndent(m, "", "  ")
+	b, err := encodeManifest(m)
 	if err != nil {
 		return err
 	}
-	b = append(b, '\n')
 	f, err := os.CreateTemp(dir, "."+manifestName+".tmp*")
 	if err != nil {
 		return fmt.Errorf("write box manifest in %s: %w", dir, err)
@@ -171,6 +140,16 @@ func syncDir(dir string) error {
 	return nil
 }
 
+// createVolume makes a new volume: its record first, durably, then its
+// box. A retry after a crash between the two finds the record and
+// creates the box.
+func (d *Driver) createVolume(box layout.Box, r *volumeRecord) error {
+	if err := d.writeRecord(r); err != nil {
+		return err
+	}
+	return createBox(d.home, box, &boxManifest{volumeRecord: *r})
+}
+
 // createBox makes the box directory with its manifest in one rename, so a
 // box either exists complete or not at all. The staging directory has a
 // dot-name, which recovery removes after a crash.
@@ -197,39 +176,42 @@ func createBox(home layout.Home, box layout.Box, m *boxManifest) error {
 
 // ensureEphemeralBox does CreateVolume's work for an inline ephemeral
 // volume, whose image comes in the volume attributes: it returns the
-// box's manifest, creating the box on the first publish.
-func (d *Driver) ensureEphemeralBox(ctx context.Context, box layout.Box, attrs, secrets map[string]string) (*boxManifest, error) {
+// volume's record, creating the volume on the first publish.
+func (d *Driver) ensureEphemeralBox(ctx context.Context, box layout.Box, attrs, secrets map[string]string) (*volumeRecord, error) {
 	params, err := parseParams(attrs)
 	if err != nil {
 		return nil, fmt.Errorf("inline volume %s: %w", box.ID(), err)
 	}
-	m, err := readManifest(box)
+	r, err := d.readRecordOnly(box.ID())
 	switch {
 	case err == nil:
-		if !m.Ephemeral || m.Image != params.Image {
-			return nil, status.Errorf(codes.AlreadyExists, "volume %s exists for image %q (ephemeral %v), not inline image %q", box.ID(), m.Image, m.Ephemeral, params.Image)
+		if !r.Ephemeral || r.Image != params.Image {
+			return nil, status.Errorf(codes.AlreadyExists, "volume %s exists for image %q (ephemeral %v), not inline image %q", box.ID(), r.Image, r.Ephemeral, params.Image)
 		}
-		return m, nil
+		if err := createBox(d.home, box, &boxManifest{volumeRecord: *r}); err != nil && !errors.Is(err, fs.ErrExist) {
+			return nil, err
+		}
+		return r, nil
 	case !errors.Is(err, fs.ErrNotExist):
-		return nil, manifestStatus(box, err)
+		return nil, recordStatus(box, err)
 	}
-	if m, err = d.newManifest(ctx, box.ID(), params, attrs, secrets); err != nil {
+	if r, err = d.newRecord(ctx, box.ID(), params, attrs, secrets); err != nil {
 		return nil, fmt.Errorf("inline volume %s: %w", box.ID(), err)
 	}
-	m.Ephemeral = true
-	if err := createBox(d.home, box, m); err != nil {
+	r.Ephemeral = true
+	if err := d.createVolume(box, r); err != nil {
 		return nil, err
 	}
-	return m, nil
+	return r, nil
 }
 
 // stageBox makes the box ready to boot: the overlay created or reused by
 // the seed rules, the base bind-mounted read-only in place, and box.json
 // complete.
-func (d *Driver) stageBox(ctx context.Context, box layout.Box, m *boxManifest, secrets map[string]string) (rootfs.BoxDisk, error) {
-	params, err := parseParams(m.Params)
+func (d *Driver) stageBox(ctx context.Context, box layout.Box, r *volumeRecord, secrets map[string]string) (rootfs.BoxDisk, error) {
+	params, err := parseParams(r.Params)
 	if err != nil {
-		return rootfs.BoxDisk{}, fmt.Errorf("volume %s: box.json parameters: %w", box.ID(), err)
+		return rootfs.BoxDisk{}, fmt.Errorf("volume %s: recorded parameters: %w", box.ID(), err)
 	}
 	// The overlay metric leaves out the wait for the base, which has
 	// metrics of its own, so that it shows the cost of the overlay alone.
@@ -238,8 +220,8 @@ func (d *Driver) stageBox(ctx context.Context, box layout.Box, m *boxManifest, s
 	disk, err := rootfs.PrepareBox(ctx, box, func(ctx context.Context) (rootfs.Base, error) {
 		t := time.Now()
 		defer func() { baseWait += time.Since(t) }()
-		return d.ensureBase(ctx, m, params, secrets)
-	}, uint64(max(m.Capacity, 0)))
+		return d.ensureBase(ctx, r, params, secrets)
+	}, uint64(max(r.Capacity, 0)))
 	if err != nil {
 		return disk, err
 	}
@@ -249,13 +231,29 @@ func (d *Driver) stageBox(ctx context.Context, box layout.Box, m *boxManifest, s
 	if err := d.mountBaseReadOnly(box); err != nil {
 		return disk, fmt.Errorf("volume %s: %w", box.ID(), err)
 	}
-	if m.VirtualSize != disk.VirtualSize || m.Backing != box.BackingName() {
-		m.VirtualSize, m.Backing = disk.VirtualSize, box.BackingName()
-		if err := writeManifest(box.Root(), m); err != nil {
-			return disk, err
-		}
+	m := &boxManifest{volumeRecord: *r, VirtualSize: disk.VirtualSize, Backing: box.BackingName()}
+	if err := refreshManifest(box, m); err != nil {
+		return disk, err
 	}
 	return disk, nil
+}
+
+// refreshManifest rewrites box.json unless it already holds exactly m.
+// Whatever the pod left there is only compared byte for byte (opened
+// without following links, without blocking, bounded), never parsed.
+func refreshManifest(box layout.Box, m *boxManifest) error {
+	want, err := encodeManifest(m)
+	if err != nil {
+		return err
+	}
+	if root, err := safeopen.OpenRoot(box.Root()); err == nil {
+		got, err := root.ReadFile(manifestName, int64(len(want)))
+		root.Close()
+		if err == nil && bytes.Equal(got, want) {
+			return nil
+		}
+	}
+	return writeManifest(box.Root(), m)
 }
 
 // mountBaseReadOnly bind-mounts the box's base link read-only onto itself.
@@ -295,7 +293,8 @@ func (d *Driver) releaseBase(box layout.Box) error {
 // with it, which is what makes the base eligible for eviction.
 func (d *Driver) deleteBox(ctx context.Context, box layout.Box) error {
 	if err := unix.Lstat(box.Root(), new(unix.Stat_t)); errors.Is(err, unix.ENOENT) {
-		return nil
+		// Gone already, or a delete that did not finish: its record goes.
+		return d.removeRecord(box.ID())
 	}
 	mounts, err := readBoxMounts(box)
 	if err != nil {
@@ -310,6 +309,9 @@ func (d *Driver) deleteBox(ctx context.Context, box layout.Box) error {
 		}
 	}
 	if err := removeBox(d.home, box); err != nil {
+		return err
+	}
+	if err := d.removeRecord(box.ID()); err != nil {
 		return err
 	}
 	klog.FromContext(ctx).Info("Deleted volume", "volume", box.ID())

@@ -41,23 +41,27 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		return nil, toStatus(err, atController)
 	}
 
-	if m, err := readManifest(box); err == nil {
-		if !m.sameVolume(name, userParams(req.GetParameters()), capacity) {
-			return nil, status.Errorf(codes.AlreadyExists, "volume %q exists as %s with different parameters or capacity (image %q, %d bytes)", name, id, m.Image, m.Capacity)
+	if r, err := d.readRecordOnly(id); err == nil {
+		if !r.sameVolume(name, userParams(req.GetParameters()), capacity) {
+			return nil, status.Errorf(codes.AlreadyExists, "volume %q exists as %s with different parameters or capacity (image %q, %d bytes)", name, id, r.Image, r.Capacity)
 		}
-		return &csi.CreateVolumeResponse{Volume: d.volume(m)}, nil
+		// A create that stopped between the record and the box ends here.
+		if err := createBox(d.home, box, &boxManifest{volumeRecord: *r}); err != nil && !errors.Is(err, fs.ErrExist) {
+			return nil, toStatus(err, atController)
+		}
+		return &csi.CreateVolumeResponse{Volume: d.volume(r)}, nil
 	} else if !errors.Is(err, fs.ErrNotExist) {
-		return nil, status.Errorf(codes.Internal, "volume %q: box %s is unreadable: %v", name, box.Root(), err)
+		return nil, status.Errorf(codes.Internal, "volume %q: the record of %s is unreadable: %v", name, id, err)
 	}
 	if err := d.checkFreeSpace(capacity); err != nil {
 		return nil, err
 	}
-	m, err := d.newManifest(ctx, id, params, req.GetParameters(), req.GetSecrets())
+	m, err := d.newRecord(ctx, id, params, req.GetParameters(), req.GetSecrets())
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("CreateVolume %q: %w", name, err), atController)
 	}
 	m.Name, m.Capacity = name, capacity
-	if err := createBox(d.home, box, m); err != nil {
+	if err := d.createVolume(box, m); err != nil {
 		return nil, toStatus(err, atController)
 	}
 	klog.FromContext(ctx).Info("Created volume", "volume", id, "name", name, "image", params.Image, "digest", m.Digest, "capacity", capacity)
@@ -88,8 +92,8 @@ func checkCreateRequest(req *csi.CreateVolumeRequest) error {
 	return nil
 }
 
-// volume is the CSI description of the box a manifest records.
-func (d *Driver) volume(m *boxManifest) *csi.Volume {
+// volume is the CSI description of the volume a record describes.
+func (d *Driver) volume(m *volumeRecord) *csi.Volume {
 	return &csi.Volume{
 		VolumeId:           m.VolumeID,
 		CapacityBytes:      m.Capacity,
@@ -130,8 +134,8 @@ func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.Valida
 	if err != nil {
 		return nil, toStatus(err, atController)
 	}
-	if _, err := readManifest(box); err != nil {
-		return nil, manifestStatus(box, err)
+	if _, err := d.readRecord(box); err != nil {
+		return nil, recordStatus(box, err)
 	}
 	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
 		return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil

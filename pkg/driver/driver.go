@@ -13,6 +13,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
@@ -200,11 +201,20 @@ func (d *Driver) isServing() bool {
 }
 
 // recover cleans up after a crash, from what is on disk: half-created or
-// half-deleted boxes (dot-entries under boxes/) and temp files inside boxes.
-// Mounts need no recovery: kubelet re-calls Stage and Publish, which work
-// from whatever the kernel reports.
+// half-deleted boxes (dot-entries under boxes/), temp files inside boxes
+// and among the records, and boxes of an earlier release, which get a
+// record. Mounts need no recovery: kubelet calls Stage and Publish again,
+// and they work from whatever the kernel reports.
+//
+// Nothing here stops the plugin from starting. A box it cannot clean up
+// or adopt is logged and left for the operator: the other boxes on the
+// node must still be served.
 func (d *Driver) recover(ctx context.Context) error {
 	log := klog.FromContext(ctx)
+	if err := os.MkdirAll(d.recordsDir(), 0o700); err != nil {
+		return fmt.Errorf("recover: create %s: %w", d.recordsDir(), err)
+	}
+	removeTemps(log, d.recordsDir())
 	dir := d.home.BoxesDir()
 	ents, err := os.ReadDir(dir)
 	if err != nil {
@@ -214,23 +224,51 @@ func (d *Driver) recover(ctx context.Context) error {
 		p := filepath.Join(dir, e.Name())
 		if strings.HasPrefix(e.Name(), ".") {
 			if err := os.RemoveAll(p); err != nil {
-				return fmt.Errorf("recover: remove half-finished box %s: %w", p, err)
+				log.Error(err, "Cannot remove half-finished box; leaving it for the operator", "path", p)
+				continue
 			}
 			log.Info("Removed half-finished box", "path", p)
 			continue
 		}
 		box, err := d.home.Box(e.Name())
-		if err != nil {
+		if err != nil || !e.IsDir() {
+			log.Info("Ignoring an entry in the boxes directory that is not a box", "path", p)
 			continue
 		}
-		for _, sub := range []string{box.Root(), box.DisksDir()} {
-			tmps, _ := filepath.Glob(filepath.Join(sub, ".*.tmp*"))
-			for _, t := range tmps {
-				if err := os.Remove(t); err == nil {
-					log.Info("Removed stale temp file", "path", t)
-				}
+		removeTemps(log, box.Root(), box.DisksDir())
+		d.adoptIfNeeded(ctx, box)
+	}
+	return nil
+}
+
+// adoptIfNeeded gives a box of an earlier release, which has no record,
+// the record its box.json holds.
+func (d *Driver) adoptIfNeeded(ctx context.Context, box layout.Box) {
+	log := klog.FromContext(ctx)
+	_, err := d.readRecordOnly(box.ID())
+	if err == nil {
+		return
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		log.Error(err, "Volume record is unreadable; the volume is left for the operator", "volume", box.ID())
+		return
+	}
+	if _, err := d.adoptBox(box); err != nil {
+		log.Error(err, "Box has no volume record and its box.json cannot be adopted; the box is left for the operator", "volume", box.ID())
+		return
+	}
+	log.Info("Adopted a box made by an earlier release: its box.json is now the volume record", "volume", box.ID(), "record", d.recordPath(box.ID()))
+}
+
+// removeTemps removes the dot-named temp files that an interrupted write
+// left in dirs.
+func removeTemps(log klog.Logger, dirs ...string) {
+	for _, dir := range dirs {
+		tmps, _ := filepath.Glob(filepath.Join(dir, ".*.tmp*"))
+		for _, t := range tmps {
+			if err := os.Remove(t); err == nil {
+				log.Info("Removed stale temp file", "path", t)
 			}
 		}
 	}
-	return nil
 }

@@ -92,10 +92,9 @@ func nodeError(op string, box layout.Box, err error) error {
 	return toStatus(fmt.Errorf("%s %s: %w", op, box.ID(), err), atNode)
 }
 
-// manifestStatus maps a failure to read box.json. A missing box is
-// NotFound (the volume does not exist); anything else is the node's
-// problem.
-func manifestStatus(box layout.Box, err error) error {
+// recordStatus maps a failure to read a volume's record. A missing volume
+// is NotFound; anything else is the node's problem.
+func recordStatus(box layout.Box, err error) error {
 	if errors.Is(err, fs.ErrNotExist) {
 		return status.Errorf(codes.NotFound, "volume %s does not exist on this node", box.ID())
 	}

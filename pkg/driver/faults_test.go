@@ -243,9 +243,13 @@ func TestFaultHomeFull(t *testing.T) {
 		{"box does not fit", func(t *testing.T, p *plugin, _ string) {
 			fill(t, p.d.home.Dir())
 			_, err := p.controller().CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: "c", Parameters: params("bb:1"), VolumeCapabilities: []*csi.VolumeCapability{rwo}})
-			wantStatus(t, "CreateVolume", err, codes.ResourceExhausted, "no space left on device", p.d.home.BoxesDir())
-			if n := dirEntries(t, p.d.home.BoxesDir()); len(n) != 0 {
-				t.Errorf("half-created box left in %s: %v", p.d.home.BoxesDir(), n)
+			// The volume record is written first, so that is what a full
+			// home refuses; the error names the file.
+			wantStatus(t, "CreateVolume", err, codes.ResourceExhausted, "no space left on device", p.d.recordsDir())
+			for _, dir := range []string{p.d.home.BoxesDir(), p.d.recordsDir()} {
+				if n := dirEntries(t, dir); len(n) != 0 {
+					t.Errorf("half-created volume left in %s: %v", dir, n)
+				}
 			}
 		}},
 	}

@@ -28,8 +28,8 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 			}
 		}
 	}
-	if _, err := readManifest(box); err != nil {
-		return nil, manifestStatus(box, err)
+	if _, err := d.readRecord(box); err != nil {
+		return nil, recordStatus(box, err)
 	}
 	var entries []*csi.VolumeHealth_VolumeHealthEntry
 	add := func(t csi.VolumeHealthErrorType, reason, format string, args ...any) {

@@ -540,16 +540,16 @@ func TestHostileImages(t *testing.T) {
 				t.Errorf("temp files left in %s: %v", p.d.home.TempDir(), n)
 			}
 			assertNoDisk(t, box)
-			if b, _, err := p.d.cache.Lookup(rootfs.Key{Digest: mustManifest(t, box).Digest, Builder: rootfs.Ext4BuilderVersion}); err != nil || b.Path != "" {
+			if b, _, err := p.d.cache.Lookup(rootfs.Key{Digest: mustManifest(t, p.d, box).Digest, Builder: rootfs.Ext4BuilderVersion}); err != nil || b.Path != "" {
 				t.Errorf("a refused image was cached: %v %v", b, err)
 			}
 		})
 	}
 }
 
-func mustManifest(t *testing.T, box layout.Box) *boxManifest {
+func mustManifest(t *testing.T, d *Driver, box layout.Box) *volumeRecord {
 	t.Helper()
-	m, err := readManifest(box)
+	m, err := d.readRecord(box)
 	if err != nil {
 		t.Fatal(err)
 	}

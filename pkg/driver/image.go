@@ -46,7 +46,7 @@ func (d *Driver) sourceOptions(p volumeParams, secrets map[string]string) source
 // ensureBase returns the cached base for the volume's digest, building it
 // if needed and allowed. The build goes on if the caller gives up, so
 // that the caller's retry joins it.
-func (d *Driver) ensureBase(ctx context.Context, m *boxManifest, p volumeParams, secrets map[string]string) (rootfs.Base, error) {
+func (d *Driver) ensureBase(ctx context.Context, m *volumeRecord, p volumeParams, secrets map[string]string) (rootfs.Base, error) {
 	key := rootfs.Key{Digest: m.Digest, Builder: d.builder.Version()}
 	if b, ok, err := d.cache.Lookup(key); err != nil || ok {
 		return b, err

@@ -56,9 +56,9 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	}
 	defer unlock()
 
-	m, err := readManifest(box)
+	m, err := d.readRecord(box)
 	if err != nil {
-		return nil, manifestStatus(box, err)
+		return nil, recordStatus(box, err)
 	}
 	if _, err := d.stageBox(ctx, box, m, req.GetSecrets()); err != nil {
 		return nil, toStatus(err, atNode)
@@ -137,8 +137,8 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 // target: it exists, it is staged, its overlay is still the plugin's, and
 // a single-writer volume is not published anywhere else.
 func (d *Driver) checkPublishable(box layout.Box, staging, target string, c *csi.VolumeCapability) error {
-	if _, err := readManifest(box); err != nil {
-		return manifestStatus(box, err)
+	if _, err := d.readRecord(box); err != nil {
+		return recordStatus(box, err)
 	}
 	if ok, err := d.mounter.isMountPoint(staging); err != nil || !ok {
 		return status.Errorf(codes.FailedPrecondition, "volume %s is not staged at %s", box.ID(), staging)
@@ -178,7 +178,7 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 		return nil, nodeError(op, box, err)
 	}
 	// An inline ephemeral volume lives exactly as long as its publication.
-	if m, err := readManifest(box); err == nil && m.Ephemeral {
+	if r, err := d.readRecordOnly(box.ID()); err == nil && r.Ephemeral {
 		if err := d.deleteBox(ctx, box); err != nil {
 			return nil, nodeError(op, box, err)
 		}
@@ -221,8 +221,8 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	if p == "" {
 		return nil, invalid("%s %s: volume path is required", op, box.ID())
 	}
-	if _, err := readManifest(box); err != nil {
-		return nil, manifestStatus(box, err)
+	if _, err := d.readRecord(box); err != nil {
+		return nil, recordStatus(box, err)
 	}
 	// A read-only query: a path that is not absolute and clean cannot be
 	// where the volume is, which is what NotFound says.

@@ -1,0 +1,176 @@
+package driver
+
+// The volume record is the plugin's own account of a volume: what it is
+// (image, digest, what was pinned, parameters, capacity, ephemeral or
+// not). It lives in <home>/volumes/<id>.json, outside every box, because
+// a box is published read-write to its pod: anything the plugin read back
+// from inside the box would be whatever the pod wrote there. box.json in
+// the box is a copy of the record for the runtime; it is written by the
+// plugin and never read back as truth.
+//
+// A volume exists when both its record and its box exist. CreateVolume
+// writes the record durably first and creates the box second; deleting
+// renames the box aside first and removes the record second. So after a
+// crash, a record without a box is a create or a delete that did not
+// finish, which the CO's retry of that call completes. A box without a
+// record is a box made by an earlier release, which start-up adopts.
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/safeopen"
+	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
+	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/source"
+)
+
+const (
+	recordsDirName = "volumes"
+	recordVersion  = 1
+	// maxRecordBytes bounds a record. The plugin writes records itself;
+	// the bound is there so that a damaged file cannot exhaust memory.
+	maxRecordBytes = 1 << 20
+)
+
+// volumeRecord is <home>/volumes/<id>.json.
+type volumeRecord struct {
+	Version  int    `json:"version"`
+	VolumeID string `json:"volumeID"`
+	// Name is the CreateVolume name; empty for inline ephemeral volumes.
+	Name      string            `json:"name,omitempty"`
+	Ephemeral bool              `json:"ephemeral,omitempty"`
+	Params    map[string]string `json:"parameters"`
+	Capacity  int64             `json:"capacityBytes"`
+
+	Image  string `json:"image"`
+	Digest string `json:"digest"`
+	Pinned string `json:"pinned"`
+	source.Config
+}
+
+// recordsDir is where volume records live: in the home, which no pod sees.
+func (d *Driver) recordsDir() string { return filepath.Join(d.home.Dir(), recordsDirName) }
+
+func (d *Driver) recordPath(id string) string {
+	return filepath.Join(d.recordsDir(), id+".json")
+}
+
+// parseRecord decodes a record and checks that it is one this release
+// understands and that it belongs to volume id.
+func parseRecord(b []byte, id, where string) (*volumeRecord, error) {
+	var r volumeRecord
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("parse %s: %w", where, err)
+	}
+	switch {
+	case r.Version < 1:
+		return nil, fmt.Errorf("%s has no valid version (%d)", where, r.Version)
+	case r.Version > recordVersion:
+		return nil, fmt.Errorf("%s has version %d, newer than this release understands (%d); it was written by a later release, so upgrade the plugin again", where, r.Version, recordVersion)
+	case r.VolumeID != id:
+		return nil, fmt.Errorf("%s belongs to volume %q, not %q", where, r.VolumeID, id)
+	}
+	return &r, nil
+}
+
+// readRecord reads the record of the volume whose box is box. It wraps
+// fs.ErrNotExist when the volume does not exist: no record, or a record
+// whose box is missing (a create or delete that did not finish).
+func (d *Driver) readRecord(box layout.Box) (*volumeRecord, error) {
+	r, err := d.readRecordOnly(box.ID())
+	if err != nil {
+		return nil, err
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(box.Root(), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return nil, fmt.Errorf("volume %s has a record but no box at %s: %w", box.ID(), box.Root(), fs.ErrNotExist)
+	}
+	return r, nil
+}
+
+// readRecordOnly reads a record whether or not its box exists.
+func (d *Driver) readRecordOnly(id string) (*volumeRecord, error) {
+	p := d.recordPath(id)
+	b, err := safeopen.ReadRegular(p, maxRecordBytes)
+	if err != nil {
+		return nil, err
+	}
+	return parseRecord(b, id, p)
+}
+
+// writeRecord replaces a volume's record atomically and durably: after a
+// crash it is the old or the new version, and once it returns the new
+// version survives a power cut.
+func (d *Driver) writeRecord(r *volumeRecord) error {
+	r.Version = recordVersion
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	dir := d.recordsDir()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", dir, err)
+	}
+	f, err := os.CreateTemp(dir, "."+r.VolumeID+".tmp*")
+	if err != nil {
+		return fmt.Errorf("write volume record in %s: %w", dir, err)
+	}
+	defer os.Remove(f.Name())
+	_, err = f.Write(append(b, '\n'))
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("write the record of volume %s: %w", r.VolumeID, err)
+	}
+	final := d.recordPath(r.VolumeID)
+	if err := os.Rename(f.Name(), final); err != nil {
+		return fmt.Errorf("install %s: %w", final, err)
+	}
+	return syncDir(dir)
+}
+
+// removeRecord deletes a volume's record durably; a missing one is fine.
+func (d *Driver) removeRecord(id string) error {
+	p := d.recordPath(id)
+	if err := os.Remove(p); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return fmt.Errorf("remove %s: %w", p, err)
+	}
+	return syncDir(d.recordsDir())
+}
+
+// adoptBox writes the record of a box made by an earlier release, which
+// kept its record only in box.json. This is the one time box.json is read
+// as truth, as that release always did; from then on the record is the
+// plugin's own. It returns the record.
+func (d *Driver) adoptBox(box layout.Box) (*volumeRecord, error) {
+	root, err := safeopen.OpenRoot(box.Root())
+	if err != nil {
+		return nil, err
+	}
+	defer root.Close()
+	b, err := root.ReadFile(manifestName, maxRecordBytes)
+	if err != nil {
+		return nil, err
+	}
+	r, err := parseRecord(b, box.ID(), box.ManifestPath())
+	if err != nil {
+		return nil, err
+	}
+	if err := d.writeRecord(r); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
