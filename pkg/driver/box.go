@@ -182,6 +182,9 @@ func (d *Driver) ensureEphemeralBox(ctx context.Context, box layout.Box, attrs, 
 	if err != nil {
 		return nil, fmt.Errorf("inline volume %s: %w", box.ID(), err)
 	}
+	if err := d.checkInline(params); err != nil {
+		return nil, err
+	}
 	r, err := d.readRecordOnly(box.ID())
 	switch {
 	case err == nil:

@@ -52,6 +52,17 @@ type Config struct {
 	// Tests of registry faults shorten it.
 	RegistryRetry *remote.Backoff
 
+	// LocalImageRoot, when set, lets inline ephemeral volumes name local
+	// image sources (oci:, oci-archive:, docker-archive:) below this
+	// directory, and nowhere else. Empty refuses them: an inline volume's
+	// attributes are written by any pod author, and a host path there
+	// would have the privileged plugin open it. StorageClass parameters
+	// are the admin's and may name local sources anywhere.
+	LocalImageRoot string
+	// AllowInlineInsecure lets inline ephemeral volumes set plainHTTP and
+	// insecureSkipTLSVerify. Off by default, for the same reason.
+	AllowInlineInsecure bool
+
 	// MetricsAddress, when set, serves Prometheus metrics at
 	// http://<MetricsAddress>/metrics.
 	MetricsAddress string
@@ -79,6 +90,9 @@ func (c Config) validate() error {
 	}
 	if c.MaxVolumesPerNode < 0 || c.CapacityReserve < 0 || c.MaxVolumeSize < 0 || c.CacheMaxBytes < 0 {
 		errs = append(errs, errors.New("limits must not be negative"))
+	}
+	if c.LocalImageRoot != "" && (!filepath.IsAbs(c.LocalImageRoot) || filepath.Clean(c.LocalImageRoot) != c.LocalImageRoot) {
+		errs = append(errs, fmt.Errorf("local image root %q must be an absolute, clean path", c.LocalImageRoot))
 	}
 	if c.KubeletRegistrationPath != "" {
 		if !filepath.IsAbs(c.KubeletRegistrationPath) {

@@ -167,7 +167,11 @@ func TestInlineEphemeralVolume(t *testing.T) {
 	qemuImg, _ := needQemu(t)
 	params, _ := testImage(t)
 	dir := t.TempDir()
-	p := startPlugin(t, dir, testConfig(dir))
+	cfg := testConfig(dir)
+	// The in-process registry speaks plain HTTP, which inline volumes may
+	// only ask for where the admin allows it.
+	cfg.AllowInlineInsecure = true
+	p := startPlugin(t, dir, cfg)
 	ctx := context.Background()
 	attrs := map[string]string{
 		ephemeralKey:                       "true",
