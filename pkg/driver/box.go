@@ -230,8 +230,11 @@ func (d *Driver) stageBox(ctx context.Context, box layout.Box, r *volumeRecord, 
 	}
 	if disk.Outcome != rootfs.Reused {
 		d.cfg.Metrics.ObserveOverlay(string(disk.Outcome), time.Since(start)-baseWait)
+		// A new overlay was written over the base just linked from the
+		// cache: that base, checked against the cache, is the box's now.
+		r.BaseInode = 0
 	}
-	if err := d.mountBaseReadOnly(box); err != nil {
+	if err := d.mountBaseReadOnly(box, r); err != nil {
 		return disk, fmt.Errorf("volume %s: %w", box.ID(), err)
 	}
 	m := &boxManifest{volumeRecord: *r, VirtualSize: disk.VirtualSize, Backing: box.BackingName()}
@@ -259,23 +262,6 @@ func refreshManifest(box layout.Box, m *boxManifest) error {
 	return writeManifest(box.Root(), m)
 }
 
-// mountBaseReadOnly bind-mounts the box's base link read-only onto itself.
-// The base is shared by every box, so inside a pod it must be read-only
-// even to root, which file modes cannot promise but a mount can.
-func (d *Driver) mountBaseReadOnly(box layout.Box) error {
-	mounted, err := d.mounter.isMountPoint(box.BasePath())
-	switch {
-	case err != nil:
-		return fmt.Errorf("check %s: %w", box.BasePath(), err)
-	case !mounted:
-		return d.mounter.Mount(box.BasePath(), box.BasePath(), "", []string{"bind", "ro"})
-	default:
-		// A crash between Mount's bind and its read-only remount left the
-		// shared base writable; a retried stage must not accept that.
-		return d.mounter.ensureReadOnly(box.BasePath())
-	}
-}
-
 // releaseBase drops the box's read-only base mount once nothing outside
 // the box shows it, so that an unstaged volume leaves no mounts behind.
 func (d *Driver) releaseBase(box layout.Box) error {
@@ -286,8 +272,8 @@ func (d *Driver) releaseBase(box layout.Box) error {
 	if err != nil {
 		return err
 	}
-	if mounts.baseMounted && len(mounts.outside) == 0 {
-		return d.mounter.Unmount(box.BasePath())
+	if len(mounts.outside) == 0 {
+		return unmountInside(box.Root())
 	}
 	return nil
 }
@@ -296,7 +282,11 @@ func (d *Driver) releaseBase(box layout.Box) error {
 // with it, which is what makes the base eligible for eviction.
 func (d *Driver) deleteBox(ctx context.Context, box layout.Box) error {
 	if err := unix.Lstat(box.Root(), new(unix.Stat_t)); errors.Is(err, unix.ENOENT) {
-		// Gone already, or a delete that did not finish: its record goes.
+		// Gone already, or a delete that did not finish: what it set
+		// aside goes now, and then the record. Success means gone.
+		if err := removeDoomed(d.home, box); err != nil {
+			return err
+		}
 		return d.removeRecord(box.ID())
 	}
 	mounts, err := readBoxMounts(box)
@@ -306,10 +296,8 @@ func (d *Driver) deleteBox(ctx context.Context, box layout.Box) error {
 	if len(mounts.outside) > 0 {
 		return status.Errorf(codes.FailedPrecondition, "volume %s is still mounted at %v", box.ID(), mounts.outside)
 	}
-	if mounts.baseMounted {
-		if err := d.mounter.Unmount(box.BasePath()); err != nil {
-			return fmt.Errorf("volume %s: %w", box.ID(), err)
-		}
+	if err := unmountInside(box.Root()); err != nil {
+		return fmt.Errorf("volume %s: %w", box.ID(), err)
 	}
 	if err := removeBox(d.home, box); err != nil {
 		return err
@@ -325,11 +313,11 @@ func (d *Driver) deleteBox(ctx context.Context, box layout.Box) error {
 // renamed to a dot-name, so that a crash halfway leaves something recovery
 // removes, rather than a half-deleted box that still looks like a volume.
 func removeBox(home layout.Home, box layout.Box) error {
-	doomed := filepath.Join(home.BoxesDir(), "."+box.ID()+".deleting")
 	// Debris of an earlier interrupted delete would block the rename.
-	if err := os.RemoveAll(doomed); err != nil {
-		return fmt.Errorf("remove box %s: %w", doomed, err)
+	if err := removeDoomed(home, box); err != nil {
+		return err
 	}
+	doomed := doomedPath(home, box)
 	if err := os.Rename(box.Root(), doomed); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil
@@ -338,6 +326,24 @@ func removeBox(home layout.Home, box layout.Box) error {
 	}
 	if err := syncDir(home.BoxesDir()); err != nil {
 		return err
+	}
+	return removeDoomed(home, box)
+}
+
+// doomedPath is where a box is set aside while it is deleted.
+func doomedPath(home layout.Home, box layout.Box) string {
+	return filepath.Join(home.BoxesDir(), "."+box.ID()+".deleting")
+}
+
+// removeDoomed removes a box set aside for deletion, with whatever is
+// still mounted inside it.
+func removeDoomed(home layout.Home, box layout.Box) error {
+	doomed := doomedPath(home, box)
+	if _, err := os.Lstat(doomed); errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err := unmountInside(doomed); err != nil {
+		return fmt.Errorf("remove box %s: %w", doomed, err)
 	}
 	if err := os.RemoveAll(doomed); err != nil {
 		return fmt.Errorf("remove box %s: %w", doomed, err)

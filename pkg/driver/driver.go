@@ -68,6 +68,9 @@ func New(ctx context.Context, cfg Config, builder BaseBuilder) (*Driver, error) 
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("driver config: %w", err)
 	}
+	if err := checkMountAPI(); err != nil {
+		return nil, err
+	}
 	home := layout.NewHome(cfg.Home, layout.Config{BindMountSupported: true})
 	if cfg.Metrics == nil {
 		cfg.Metrics = metrics.New()
@@ -223,6 +226,9 @@ func (d *Driver) recover(ctx context.Context) error {
 	for _, e := range ents {
 		p := filepath.Join(dir, e.Name())
 		if strings.HasPrefix(e.Name(), ".") {
+			if err := unmountInside(p); err != nil {
+				log.Error(err, "Cannot unmount everything inside a half-finished box", "path", p)
+			}
 			if err := os.RemoveAll(p); err != nil {
 				log.Error(err, "Cannot remove half-finished box; leaving it for the operator", "path", p)
 				continue

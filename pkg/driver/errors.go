@@ -34,8 +34,11 @@ func toStatus(err error, where service) error {
 	if err == nil {
 		return nil
 	}
-	if _, ok := status.FromError(err); ok {
-		return err
+	// A status made deeper down already says what went wrong and names
+	// the volume; it is passed on as made, not printed inside a wrapper.
+	var se interface{ GRPCStatus() *status.Status }
+	if errors.As(err, &se) {
+		return se.GRPCStatus().Err()
 	}
 	msg := err.Error()
 	var badID *layout.InvalidVolumeIDError

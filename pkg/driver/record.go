@@ -52,6 +52,11 @@ type volumeRecord struct {
 	Digest string `json:"digest"`
 	Pinned string `json:"pinned"`
 	source.Config
+
+	// BaseInode is the inode of the base the box's overlay was created
+	// over, once the plugin has linked it into the box. It lets a box keep
+	// its own base when the cache's copy is gone, and only that one.
+	BaseInode uint64 `json:"baseInode,omitempty"`
 }
 
 // recordsDir is where volume records live: in the home, which no pod sees.

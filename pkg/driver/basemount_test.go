@@ -1,0 +1,76 @@
+package driver
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
+)
+
+// TestBaseSwapAttack plays the pod that renames its base away and plants
+// a link to a host path where the base was. Today's plugin must neither
+// mount on the host path nor leak the renamed base mount, and deleting
+// the volume must leave nothing, after which the plugin still starts.
+func TestBaseSwapAttack(t *testing.T) {
+	needRoot(t)
+	params := smallImageParams(t)
+	dir := t.TempDir()
+	cfg := testConfig(dir)
+	p := startPlugin(t, dir, cfg)
+	ctx := testCtx(t)
+	host := newWatchedDir(t)
+
+	id, box := createVolume(t, p, "v", params)
+	staging := filepath.Join(dir, "staging")
+	target := filepath.Join(dir, "pods/p1/mount")
+	if err := stageVolume(ctx, p, id, staging); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.node().NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: rwo}); err != nil {
+		t.Fatal(err)
+	}
+	// The pod, through its view of the box: the base is a mount point, so
+	// it cannot be renamed or removed itself, but its directory can.
+	if err := os.Rename(filepath.Join(target, "base", "rootfs.ext4"), filepath.Join(target, "base", "x")); err == nil {
+		t.Error("the pod renamed the mounted base itself")
+	}
+	if err := os.Rename(filepath.Join(target, "base"), filepath.Join(target, "base.old")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(filepath.Join(target, "base"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(host.file, filepath.Join(target, "base", "rootfs.ext4")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.node().NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	unstageVolume(t, p, id, staging)
+	if ms, _ := testenv.MountsUnder(box.Root()); len(ms) != 0 {
+		t.Errorf("unstage left %d mounts inside the box, e.g. %s", len(ms), ms[0].MountPoint)
+	}
+	// Staging again must not follow the link.
+	err := stageVolume(ctx, p, id, staging)
+	wantStatus(t, "NodeStage over a planted link", err, codes.FailedPrecondition)
+	if ms, _ := testenv.MountsUnder(host.dir); len(ms) != 0 {
+		t.Fatalf("the plugin mounted on the host path the pod named: %s", ms[0].MountPoint)
+	}
+	host.assertUntouched(t)
+	unstageVolume(t, p, id, staging)
+	if _, err := p.controller().DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		t.Fatalf("DeleteVolume: %v", err)
+	}
+	if _, err := os.Lstat(box.Root()); !os.IsNotExist(err) {
+		t.Errorf("DeleteVolume reported success with the box still there: %v", err)
+	}
+	if n := dirEntries(t, p.d.home.BoxesDir()); len(n) != 0 {
+		t.Errorf("DeleteVolume left %v in %s", n, p.d.home.BoxesDir())
+	}
+	p.stop()
+	startPlugin(t, dir, cfg)
+}
