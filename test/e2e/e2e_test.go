@@ -519,7 +519,9 @@ spec:
   - name: vm
     image: %s
     imagePullPolicy: Never
-    securityContext: {privileged: true}
+    # Unprivileged, as a tenant's sandbox runs: TCG needs no device and
+    # no capability, only the box's files.
+    securityContext: {privileged: false, allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}
     command: [qemu-system-x86_64, -accel, tcg, -m, "384", -smp, "1", -nographic, -no-reboot,
       -kernel, /vmlinuz, -initrd, /initrd.gz,
       -drive, "file=/box/disks/guest-rootfs.qcow2,format=qcow2,if=virtio",
