@@ -42,6 +42,28 @@ func checkMountAPI() error {
 	return nil
 }
 
+// checkBaseFile says whether the box's base link is a regular file,
+// looked at beneath the box root without following any link.
+func checkBaseFile(box layout.Box) error {
+	root, err := safeopen.OpenRoot(box.Root())
+	if err != nil {
+		return err
+	}
+	defer root.Close()
+	rel, err := filepath.Rel(box.Root(), box.BasePath())
+	if err != nil {
+		return err
+	}
+	st, err := root.Lstat(rel)
+	if err != nil {
+		return err
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return &os.PathError{Op: "lstat", Path: box.BasePath(), Err: safeopen.ErrNotRegular}
+	}
+	return nil
+}
+
 // mountBaseReadOnly bind-mounts the box's base link read-only onto itself.
 // The base is shared by every box, so inside a pod it must be read-only
 // even to root, which file modes cannot promise but a mount can.

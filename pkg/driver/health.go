@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 
@@ -50,7 +49,7 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 		add(csi.VolumeHealthErrorType_INACCESSIBLE, "OverlayUnreadable", "%v", verr)
 	}
 	if verr == nil {
-		if _, err := os.Stat(box.BasePath()); err != nil {
+		if err := checkBaseFile(box); err != nil {
 			add(csi.VolumeHealthErrorType_INACCESSIBLE, "BaseMissing", "overlay %s has missing backing file %s: %v", overlay, box.BasePath(), err)
 		}
 	}

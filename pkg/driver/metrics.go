@@ -83,6 +83,14 @@ func (d *Driver) boxStates() (counts map[string]int, errs int) {
 			errs++
 			continue
 		}
+		if _, err := d.readRecordOnly(id); err != nil {
+			// A box the plugin has no record of (damaged, or left for the
+			// operator at start-up) is not a volume it can serve.
+			if _, serr := os.Lstat(box.Root()); serr == nil {
+				counts[boxUnhealthy]++
+			}
+			continue
+		}
 		_, verr := rootfs.VerifyOverlay(box)
 		switch {
 		case errors.Is(verr, fs.ErrNotExist):
@@ -94,7 +102,7 @@ func (d *Driver) boxStates() (counts map[string]int, errs int) {
 			counts[boxUnhealthy]++
 			continue
 		}
-		if _, err := os.Stat(box.BasePath()); err != nil {
+		if err := checkBaseFile(box); err != nil {
 			counts[boxUnhealthy]++
 			continue
 		}
