@@ -82,6 +82,10 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.Var(&o.imageMaxBytes, "image-max-bytes", "largest total of uncompressed file data over all of an image's layers (bounds decompression bombs and sparse-file claims)")
 	fs.Var(&o.imageMaxFile, "image-max-file-size", "largest single file an image may contain")
 	fs.Int64Var(&o.imageMaxFiles, "image-max-files", ext4.DefaultMaxFiles, "most tar entries an image may contain over all its layers")
+	fs.StringVar(&c.LocalImageRoot, "local-image-root", "",
+		"let inline volumes name local image sources (oci:, oci-archive:, docker-archive:) below this directory, with no link followed; empty (the default) refuses them, since any pod author writes inline attributes. StorageClasses may name local sources anywhere")
+	fs.BoolVar(&c.AllowInlineInsecure, "allow-inline-insecure-registries", false,
+		"let inline volumes set plainHTTP and insecureSkipTLSVerify; off by default, since any pod author writes inline attributes. StorageClasses may set them")
 	fs.StringVar(&c.MetricsAddress, "metrics-address", "",
 		"serve Prometheus metrics at http://<address>/metrics, e.g. 127.0.0.1:9859 or :9859; empty (the default) serves none")
 	fs.BoolVar(&o.showVersion, "version", false, "print the version and exit")

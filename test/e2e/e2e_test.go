@@ -172,6 +172,9 @@ func (s *suite) install(t *testing.T, bins binaries, root string) {
 		"--set", "kubeletDir=" + c.kubeletDir, "--set", "home=" + c.home,
 		"--set", "registrar.enabled=false", "--set", "livenessProbe.enabled=false",
 		"--set", "provisioner.enabled=true",
+		// The e2e registry on 127.0.0.1 speaks plain HTTP, which inline
+		// volumes may only ask for where the admin allows it.
+		"--set", "inline.allowInsecureRegistries=true",
 		"--set", "provisioner.image.repository=" + provisionerRepo, "--set", "provisioner.image.tag=" + provisionerTag,
 		"--set", "provisioner.image.pullPolicy=Never",
 		"--set", "provisioner.extraArgs[0]=--kubeconfig=/csi/e2e-kubeconfig",

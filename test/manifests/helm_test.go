@@ -90,7 +90,7 @@ func TestHelmTemplate(t *testing.T) {
 						"livenessProbe:", "readinessProbe:", "path: /healthz", "host: 127.0.0.1", "containerPort: 9856",
 						"memory: 512Mi",
 					},
-					notWant: []string{"--kubelet-registration-path", "--plugin-registration-dir", "mountPath: /registration", "--cache-max-size", "--capacity-reserve", "--metrics-address", "POD_IP", "--image-max"},
+					notWant: []string{"--kubelet-registration-path", "--plugin-registration-dir", "mountPath: /registration", "--cache-max-size", "--capacity-reserve", "--metrics-address", "POD_IP", "--image-max", "--local-image-root", "--allow-inline-insecure-registries", "local-images"},
 					mounts: map[string][]string{
 						"kubelet-dir": {"mountPath: /var/lib/kubelet", "mountPropagation: Bidirectional"},
 						"home":        {"mountPath: /var/lib/boxlite-csi", "mountPropagation: Bidirectional"},
@@ -284,6 +284,21 @@ func TestHelmTemplate(t *testing.T) {
 			},
 		},
 		{
+			name:      "inline volumes may use local images and insecure registries",
+			args:      []string{"--set", "inline.localImageRoot=/srv/images", "--set", "inline.allowInsecureRegistries=true"},
+			kinds:     append([]string{"DaemonSet", "CSIDriver"}, rbacKinds...),
+			daemonSet: []string{"path: /srv/images", "type: Directory"},
+			containers: []containerCheck{
+				{
+					name: "boxlite-csi",
+					want: []string{"- --local-image-root=/srv/images", "- --allow-inline-insecure-registries"},
+					mounts: map[string][]string{
+						"local-images": {"mountPath: /srv/images", "readOnly: true"},
+					},
+				},
+			},
+		},
+		{
 			name:  "no memory limit, no GOMEMLIMIT",
 			args:  []string{"--set", "resources.limits=null"},
 			kinds: append([]string{"DaemonSet", "CSIDriver"}, rbacKinds...),
@@ -427,6 +442,7 @@ func TestValuesRejected(t *testing.T) {
 	}{
 		{name: "wrong type", values: "kubeletDir: 5\n", want: []string{"at '/kubeletDir': got number, want string"}},
 		{name: "unknown key", values: "foo: bar\n", want: []string{"additional properties 'foo' not allowed"}},
+		{name: "relative local image root", values: "inline:\n  localImageRoot: srv/images\n", want: []string{"at '/inline/localImageRoot'"}},
 		{name: "unknown nested key", values: "provisioner:\n  timeOut: 30s\n", want: []string{"at '/provisioner'", "additional properties 'timeOut' not allowed"}},
 		{name: "pull policy enum", values: "image:\n  pullPolicy: Sometimes\n", want: []string{"at '/image/pullPolicy'", "'Always', 'IfNotPresent', 'Never'"}},
 		{name: "watermark range", values: "cache:\n  highWatermark: 1.5\n", want: []string{"at '/cache/highWatermark'"}},

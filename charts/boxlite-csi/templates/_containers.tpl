@@ -65,6 +65,12 @@ value is empty, so the plugin's own defaults apply.
 {{- with .Values.imageLimits.maxFiles }}
 - --image-max-files={{ . }}
 {{- end }}
+{{- with .Values.inline.localImageRoot }}
+- --local-image-root={{ . }}
+{{- end }}
+{{- if .Values.inline.allowInsecureRegistries }}
+- --allow-inline-insecure-registries
+{{- end }}
 {{- if .Values.metrics.enabled }}
 # The brackets keep an IPv6 pod IP apart from the port. Go accepts them
 # around an IPv4 address too.
@@ -150,6 +156,11 @@ The plugin container: the CSI node and controller services on /csi/csi.sock.
     {{- if not .Values.registrar.enabled }}
     - name: registration-dir
       mountPath: /registration
+    {{- end }}
+    {{- with .Values.inline.localImageRoot }}
+    - name: local-images
+      mountPath: {{ . }}
+      readOnly: true
     {{- end }}
 {{- end -}}
 
