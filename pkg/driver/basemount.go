@@ -42,21 +42,31 @@ func checkMountAPI() error {
 	return nil
 }
 
-// checkBaseFile says whether the box's base link is a regular file,
-// looked at beneath the box root without following any link.
-func checkBaseFile(box layout.Box) error {
+// openBase opens the box's base link beneath the box root, without
+// following any link, as an O_PATH descriptor.
+func openBase(box layout.Box) (*os.File, error) {
 	root, err := safeopen.OpenRoot(box.Root())
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer root.Close()
 	rel, err := filepath.Rel(box.Root(), box.BasePath())
 	if err != nil {
-		return err
+		return nil, err
 	}
-	st, err := root.Lstat(rel)
+	return root.OpenPath(rel)
+}
+
+// checkBaseFile says whether the box's base link is a regular file.
+func checkBaseFile(box layout.Box) error {
+	f, err := openBase(box)
 	if err != nil {
 		return err
+	}
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return &os.PathError{Op: "fstat", Path: box.BasePath(), Err: err}
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return &os.PathError{Op: "lstat", Path: box.BasePath(), Err: safeopen.ErrNotRegular}
@@ -68,16 +78,7 @@ func checkBaseFile(box layout.Box) error {
 // The base is shared by every box, so inside a pod it must be read-only
 // even to root, which file modes cannot promise but a mount can.
 func (d *Driver) mountBaseReadOnly(box layout.Box, r *volumeRecord) error {
-	root, err := safeopen.OpenRoot(box.Root())
-	if err != nil {
-		return err
-	}
-	defer root.Close()
-	rel, err := filepath.Rel(box.Root(), box.BasePath())
-	if err != nil {
-		return err
-	}
-	f, err := root.OpenPath(rel)
+	f, err := openBase(box)
 	if err != nil {
 		return status.Errorf(codes.FailedPrecondition, "volume %s: cannot open its base %s: %v", box.ID(), box.BasePath(), err)
 	}
