@@ -91,6 +91,13 @@ func (r *Root) OpenPath(rel string) (*os.File, error) {
 	return r.open(rel, unix.O_PATH)
 }
 
+// OpenDir opens the directory rel beneath the root for listing. Its
+// descriptor is what unlinkat and the other *at calls take, so a name in
+// it is never resolved through a link a pod planted in the path.
+func (r *Root) OpenDir(rel string) (*os.File, error) {
+	return r.open(rel, unix.O_RDONLY|unix.O_DIRECTORY)
+}
+
 // Lstat is fstat on rel beneath the root, without following links.
 func (r *Root) Lstat(rel string) (unix.Stat_t, error) {
 	var st unix.Stat_t

@@ -23,9 +23,11 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"k8s.io/klog/v2"
 
+	"github.com/boxlite-csi/boxlite-csi/internal/safeopen"
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 	"github.com/boxlite-csi/boxlite-csi/pkg/metrics"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
@@ -241,7 +243,8 @@ func (d *Driver) recover(ctx context.Context) error {
 			log.Info("Ignoring an entry in the boxes directory that is not a box", "path", p)
 			continue
 		}
-		removeTemps(log, box.Root(), box.DisksDir())
+		removeTemps(log, box.Root())
+		removeTempsBeneath(log, box, "disks")
 		d.adoptIfNeeded(ctx, box)
 	}
 	return nil
@@ -266,8 +269,38 @@ func (d *Driver) adoptIfNeeded(ctx context.Context, box layout.Box) {
 	log.Info("Adopted a box made by an earlier release: its box.json is now the volume record", "volume", box.ID(), "record", d.recordPath(box.ID()))
 }
 
+// removeTempsBeneath removes the temp files an interrupted overlay write
+// left in a box's subdirectory sub. The directory is opened beneath the
+// box root without following links, and names are removed relative to it:
+// a pod that replaced disks/ with a link to a host directory must not
+// have the plugin delete files there.
+func removeTempsBeneath(log klog.Logger, box layout.Box, sub string) {
+	root, err := safeopen.OpenRoot(box.Root())
+	if err != nil {
+		return
+	}
+	defer root.Close()
+	dir, err := root.OpenDir(sub)
+	if err != nil {
+		return
+	}
+	defer dir.Close()
+	names, err := dir.Readdirnames(-1)
+	if err != nil {
+		return
+	}
+	for _, name := range names {
+		if ok, _ := filepath.Match(".*.tmp*", name); !ok {
+			continue
+		}
+		if err := unix.Unlinkat(int(dir.Fd()), name, 0); err == nil {
+			log.Info("Removed stale temp file", "path", filepath.Join(box.Root(), sub, name))
+		}
+	}
+}
+
 // removeTemps removes the dot-named temp files that an interrupted write
-// left in dirs.
+// left in dirs, which the plugin owns.
 func removeTemps(log klog.Logger, dirs ...string) {
 	for _, dir := range dirs {
 		tmps, _ := filepath.Glob(filepath.Join(dir, ".*.tmp*"))

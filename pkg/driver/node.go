@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -13,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
+	"github.com/boxlite-csi/boxlite-csi/internal/safeopen"
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 	"github.com/boxlite-csi/boxlite-csi/pkg/qcow2"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
@@ -249,14 +251,30 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 
 // overlayUsage is the box's disk in bytes: the overlay's virtual size as
 // the total and its allocated blocks as used. A box never staged has no
-// overlay yet, and so no byte usage.
+// overlay yet, and so no byte usage. The overlay is opened beneath the box
+// root without following links or blocking, since the pod may have put
+// anything at that path.
 func overlayUsage(box layout.Box) *csi.VolumeUsage {
+	root, err := safeopen.OpenRoot(box.Root())
+	if err != nil {
+		return nil
+	}
+	defer root.Close()
+	rel, err := filepath.Rel(box.Root(), box.GuestRootfsDiskPath())
+	if err != nil {
+		return nil
+	}
+	f, err := root.OpenFile(rel, unix.O_RDONLY)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
 	var st unix.Stat_t
-	if err := unix.Stat(box.GuestRootfsDiskPath(), &st); err != nil {
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
 		return nil
 	}
 	var total int64
-	if h, err := qcow2.ReadHeader(box.GuestRootfsDiskPath()); err == nil {
+	if h, err := qcow2.ParseHeader(box.GuestRootfsDiskPath(), f, st.Size); err == nil {
 		total = int64(h.Size)
 	}
 	used := st.Blocks * 512
