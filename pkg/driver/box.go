@@ -220,13 +220,23 @@ func (d *Driver) stageBox(ctx context.Context, box layout.Box, r *volumeRecord, 
 	// metrics of its own, so that it shows the cost of the overlay alone.
 	var baseWait time.Duration
 	start := time.Now()
-	disk, err := rootfs.PrepareBox(ctx, box, func(ctx context.Context) (rootfs.Base, error) {
+	// A persistent volume's corrupt overlay is the user's data: it is kept
+	// and refused, naming the repair. An ephemeral volume's holds nothing
+	// anyone keeps, so it is set aside and a fresh one made.
+	opts := rootfs.PrepareOptions{Corrupt: rootfs.KeepCorrupt}
+	if r.Ephemeral {
+		opts.Corrupt = rootfs.SetAsideCorrupt
+	}
+	disk, err := rootfs.PrepareBoxWith(ctx, box, func(ctx context.Context) (rootfs.Base, error) {
 		t := time.Now()
 		defer func() { baseWait += time.Since(t) }()
 		return d.ensureBase(ctx, r, params, secrets)
-	}, uint64(max(r.Capacity, 0)))
+	}, uint64(max(r.Capacity, 0)), opts)
 	if err != nil {
 		return disk, err
+	}
+	if disk.SetAside != "" {
+		klog.FromContext(ctx).Info("Set a corrupt overlay aside and made a fresh one", "volume", box.ID(), "setAside", disk.SetAside)
 	}
 	if disk.Outcome != rootfs.Reused {
 		d.cfg.Metrics.ObserveOverlay(string(disk.Outcome), time.Since(start)-baseWait)

@@ -694,30 +694,31 @@ func TestFaultBaseDeleted(t *testing.T) {
 }
 
 // TestFaultTornOverlay cuts the overlay short, as a crash in the middle of
-// a write can. The seed rules decide from the header alone: a cut that
-// reaches the header or its tables makes the overlay corrupt, and a
-// disposable guest-rootfs overlay is then discarded and recreated over
-// the base; a cut inside a data cluster leaves a valid header, so the
+// a write can. A cut inside a data cluster leaves a valid header, so the
 // overlay is reused untouched (the guest's filesystem deals with its own
-// torn write, as after any crash).
+// torn write, as after any crash). A cut that reaches the header or its
+// tables makes the overlay corrupt. The seed rule discarded it; the rule
+// now is that no user data is deleted to recover. An overlay too short to
+// hold any cluster is recreated, but one that may hold the guest's writes
+// is kept byte for byte, and NodeStage refuses it, naming the repair.
 func TestFaultTornOverlay(t *testing.T) {
 	needRoot(t)
 	qemuImg, qemuIO := needQemu(t)
 	params := smallImageParams(t)
 	cases := []struct {
-		name      string
-		cut       func(t *testing.T, overlay string, size int64) int64
-		recreated bool
+		name    string
+		cut     func(t *testing.T, overlay string, size int64) int64
+		outcome string // reused, recreated or refused
 	}{
-		{"inside the header", func(*testing.T, string, int64) int64 { return 100 }, true},
+		{"inside the header", func(*testing.T, string, int64) int64 { return 100 }, "recreated"},
 		{"inside the L1 table", func(t *testing.T, overlay string, _ int64) int64 {
 			h, err := qcow2.ReadHeader(overlay)
 			if err != nil {
 				t.Fatal(err)
 			}
 			return int64(h.L1TableOffset) + 4
-		}, true},
-		{"inside a data cluster", func(_ *testing.T, _ string, size int64) int64 { return size - 1000 }, false},
+		}, "refused"},
+		{"inside a data cluster", func(_ *testing.T, _ string, size int64) int64 { return size - 1000 }, "reused"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -744,13 +745,23 @@ func TestFaultTornOverlay(t *testing.T) {
 				t.Fatal(err)
 			}
 			torn := statID(t, overlay)
+			tornSum := fileSum(t, overlay)
 
-			if err := stageVolume(ctx, p, id, staging); err != nil {
+			err = stageVolume(ctx, p, id, staging)
+			if tc.outcome == "refused" {
+				wantStatus(t, "stage of a corrupt overlay that may hold data", err, codes.FailedPrecondition, "qemu-img check -r all", overlay)
+				if got := statID(t, overlay); got != torn || fileSum(t, overlay) != tornSum {
+					t.Fatalf("the refused overlay was changed: %+v, was %+v", got, torn)
+				}
+				unstageVolume(t, p, id, staging)
+				return
+			}
+			if err != nil {
 				t.Fatalf("stage after the torn write: %v", err)
 			}
 			defer unstageVolume(t, p, id, staging)
 			got := statID(t, overlay)
-			if !tc.recreated {
+			if tc.outcome == "reused" {
 				if got != torn {
 					t.Fatalf("overlay with a valid header was touched: %+v, was %+v", got, torn)
 				}

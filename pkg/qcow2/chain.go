@@ -3,11 +3,13 @@ package qcow2
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
-	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // Link is one image of a backing chain.
@@ -38,7 +40,6 @@ func ResolveBacking(overlayPath, backingName string) string {
 // whose backing names are trusted; Verify is the check for an overlay a
 // guest could have rewritten.
 func Chain(ctx context.Context, path string) ([]Link, error) {
-	type fileID struct{ dev, ino uint64 }
 	seen := map[fileID]bool{}
 	var links []Link
 	cur, format, referrer, name := path, FormatQcow2, "", ""
@@ -46,44 +47,25 @@ func Chain(ctx context.Context, path string) ([]Link, error) {
 		if err := ctx.Err(); err != nil {
 			return links, fmt.Errorf("walk backing chain of %s: %w", path, err)
 		}
-		fi, err := os.Stat(cur)
+		var (
+			h   *Header
+			id  fileID
+			err error
+		)
+		h, format, id, err = readLink(cur, format, referrer, name, path)
 		if err != nil {
-			if referrer != "" && os.IsNotExist(err) {
-				return links, &MissingBackingError{Overlay: referrer, Backing: name, Err: err}
-			}
-			return links, &IOError{Path: cur, Op: "stat", Err: err}
+			return links, err
 		}
-		if !fi.Mode().IsRegular() {
-			// Opening a FIFO would block, and a device would read host
-			// state. Neither is a disk that boxlite-csi made.
-			return links, &ChainError{Path: path, Reason: fmt.Sprintf("%s is not a regular file (%s)", cur, fi.Mode().Type())}
-		}
-		st, ok := fi.Sys().(*syscall.Stat_t)
-		if !ok {
-			return links, &IOError{Path: cur, Op: "stat", Err: fmt.Errorf("no device and inode in %T", fi.Sys())}
-		}
-		id := fileID{uint64(st.Dev), st.Ino}
 		if seen[id] {
 			return links, &ChainError{Path: path, Reason: fmt.Sprintf("%s appears twice, so the chain loops", cur)}
 		}
 		seen[id] = true
-
-		if format == "" {
-			if format, err = probeFormat(cur); err != nil {
-				return links, err
-			}
-		}
 		switch format {
 		case FormatRaw:
 			return append(links, Link{Path: cur, Format: FormatRaw}), nil
 		case FormatQcow2:
 		default:
 			return links, &ChainError{Path: path, Reason: fmt.Sprintf("%s names backing format %q, and only raw and qcow2 are supported", referrer, format)}
-		}
-
-		h, err := ReadHeader(cur)
-		if err != nil {
-			return links, err
 		}
 		links = append(links, Link{Path: cur, Format: FormatQcow2, Header: h})
 		if h.BackingFile == "" {
@@ -97,20 +79,59 @@ func Chain(ctx context.Context, path string) ([]Link, error) {
 	}
 }
 
+type fileID struct{ dev, ino uint64 }
+
+// readLink opens one image of a chain, once: its type, identity, format
+// and header all come from the same descriptor. Links are followed, as
+// QEMU follows them (Chain is for trusted chains), but nothing blocks: the
+// open is O_NONBLOCK and anything but a regular file is refused before a
+// byte is read. format "" is probed from the magic; the header is nil for
+// anything but qcow2.
+func readLink(cur, format, referrer, name, top string) (*Header, string, fileID, error) {
+	fd, err := unix.Open(cur, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if referrer != "" && errors.Is(err, unix.ENOENT) {
+			return nil, "", fileID{}, &MissingBackingError{Overlay: referrer, Backing: name, Err: &os.PathError{Op: "open", Path: cur, Err: err}}
+		}
+		var st unix.Stat_t
+		if serr := unix.Stat(cur, &st); serr == nil && st.Mode&unix.S_IFMT != unix.S_IFREG {
+			return nil, "", fileID{}, &ChainError{Path: top, Reason: fmt.Sprintf("%s is not a regular file (%s)", cur, FileTypeName(st.Mode))}
+		}
+		return nil, "", fileID{}, &IOError{Path: cur, Op: "open", Err: err}
+	}
+	f := os.NewFile(uintptr(fd), cur)
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, "", fileID{}, &IOError{Path: cur, Op: "stat", Err: err}
+	}
+	id := fileID{uint64(st.Dev), st.Ino}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		// A FIFO would feed whatever its writer sends, and a device
+		// would read host state. Neither is a disk that boxlite-csi made.
+		return nil, "", id, &ChainError{Path: top, Reason: fmt.Sprintf("%s is not a regular file (%s)", cur, FileTypeName(st.Mode))}
+	}
+	if format == "" {
+		if format, err = probeFormat(f); err != nil {
+			return nil, "", id, err
+		}
+	}
+	if format != FormatQcow2 {
+		return nil, format, id, nil
+	}
+	h, err := parseHeader(cur, f, st.Size)
+	return h, format, id, err
+}
+
 // probeFormat tells qcow2 from raw by the magic, as QEMU does when an image
 // does not name its backing format.
-func probeFormat(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", &IOError{Path: path, Op: "open", Err: err}
-	}
-	defer f.Close()
+func probeFormat(f *os.File) (string, error) {
 	var m [4]byte
-	if _, err := io.ReadFull(f, m[:]); err != nil {
+	if _, err := f.ReadAt(m[:], 0); err != nil {
 		if err == io.EOF || err == io.ErrUnexpectedEOF {
 			return FormatRaw, nil
 		}
-		return "", &IOError{Path: path, Op: "read", Err: err}
+		return "", &IOError{Path: f.Name(), Op: "read", Err: err}
 	}
 	if binary.BigEndian.Uint32(m[:]) == Magic {
 		return FormatQcow2, nil
@@ -125,16 +146,32 @@ type Expect struct {
 	BackingFormat string
 }
 
-// Verify reads the overlay's header and checks it against want, without
-// opening anything the header names. A well-formed header that names a
-// different backing file or format, or that enables encryption, is reported
-// as a *TamperedError. Errors in the header itself are returned as
-// ReadHeader reports them.
+// Verify reads the overlay's header at path and checks it against want,
+// without opening anything the header names. The overlay is opened as
+// ReadHeader opens it (last component not followed, no blocking, regular
+// files only), so Verify is for callers that own path; an overlay in a
+// box is opened beneath a safeopen.Root and checked with VerifyFile.
 func Verify(path string, want Expect) (*Header, error) {
-	h, err := ReadHeader(path)
+	f, err := OpenImage(path)
 	if err != nil {
 		return nil, err
 	}
+	defer f.Close()
+	return VerifyFile(f, want)
+}
+
+// VerifyFile reads the header of the overlay open as f and checks it
+// against want, without opening anything the header names. A well-formed
+// header that names a different backing file or format, or that enables
+// encryption, is reported as a *TamperedError, and so is an f that is not
+// a regular file. Errors in the header itself are returned as
+// ReadHeaderFile reports them.
+func VerifyFile(f *os.File, want Expect) (*Header, error) {
+	h, err := ReadHeaderFile(f)
+	if err != nil {
+		return nil, err
+	}
+	path := f.Name()
 	switch {
 	case h.BackingFile != want.BackingFile:
 		return h, &TamperedError{Path: path, Field: "backing file", Got: h.BackingFile, Want: want.BackingFile}

@@ -3,6 +3,8 @@ package qcow2
 import (
 	"errors"
 	"fmt"
+
+	"golang.org/x/sys/unix"
 )
 
 // ErrInvalidOption marks a request that the writer refuses before it touches
@@ -11,8 +13,9 @@ import (
 var ErrInvalidOption = errors.New("invalid qcow2 option")
 
 // CorruptError means the bytes at Path are not a qcow2 image this package
-// accepts. Upstream's reuse rules discard a corrupt disposable overlay and
-// recreate it, so an I/O failure must never be reported as a CorruptError.
+// accepts. A corrupt overlay may be recreated (after ProbeL1 has shown it
+// maps no guest data) or set aside, so an I/O failure must never be
+// reported as a CorruptError.
 type CorruptError struct {
 	Path   string
 	Reason string
@@ -36,18 +39,54 @@ func (e *IOError) Error() string {
 
 func (e *IOError) Unwrap() error { return e.Err }
 
-// TamperedError means a well-formed overlay differs from what boxlite-csi
-// wrote, so someone with write access to the box rewrote it. The overlay
-// must be refused, and the backing file it names must never be opened.
+// TamperedError means an overlay differs from what boxlite-csi wrote, so
+// someone with write access to the box rewrote it: a well-formed header
+// naming another backing, or something other than a regular file (a
+// symbolic link, FIFO, device, directory) where the overlay or one of its
+// directories should be. The overlay must be refused, and neither it nor
+// the backing file it names may be opened.
 type TamperedError struct {
 	Path  string
 	Field string
 	Got   string
 	Want  string
+	// Err is the error that revealed the tampering, if any (ELOOP from an
+	// open that refused a symbolic link, for example).
+	Err error
 }
 
 func (e *TamperedError) Error() string {
 	return fmt.Sprintf("qcow2 image %s was tampered with (its %s is %q, expected %q), so boxlite-csi refuses to use it", e.Path, e.Field, e.Got, e.Want)
+}
+
+func (e *TamperedError) Unwrap() error { return e.Err }
+
+// TamperedFileType reports that the file at path, or field (such as
+// "parent disks/") on the way to it, has the type in mode (st_mode, as
+// from lstat) where want ("regular file", "directory") should be.
+func TamperedFileType(path, field string, mode uint32, want string, cause error) *TamperedError {
+	return &TamperedError{Path: path, Field: field, Got: FileTypeName(mode), Want: want, Err: cause}
+}
+
+// FileTypeName names the file type in st_mode for messages.
+func FileTypeName(mode uint32) string {
+	switch mode & unix.S_IFMT {
+	case unix.S_IFREG:
+		return "regular file"
+	case unix.S_IFDIR:
+		return "directory"
+	case unix.S_IFLNK:
+		return "symbolic link"
+	case unix.S_IFIFO:
+		return "named pipe (FIFO)"
+	case unix.S_IFSOCK:
+		return "socket"
+	case unix.S_IFCHR:
+		return "character device"
+	case unix.S_IFBLK:
+		return "block device"
+	}
+	return fmt.Sprintf("unknown file type %#o", mode&unix.S_IFMT)
 }
 
 // MissingBackingError means an overlay names a backing file that does not

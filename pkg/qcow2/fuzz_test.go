@@ -3,6 +3,7 @@ package qcow2
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"os"
 	"path/filepath"
@@ -99,11 +100,74 @@ func FuzzCreateOverlay(f *testing.F) {
 // TestSeedCorpusClassified keeps the checked-in seeds honest: the valid
 // ones parse and the others are refused as corrupt.
 func TestSeedCorpusClassified(t *testing.T) {
-	dir := filepath.Join("testdata", "fuzz", "FuzzReadHeader")
+	for name, s := range readCorpus(t, filepath.Join("testdata", "fuzz", "FuzzReadHeader")) {
+		_, err := ParseHeader(name, bytes.NewReader(s), int64(len(s)))
+		if valid := strings.HasPrefix(name, "valid") || name == "relative_up"; valid != (err == nil) {
+			t.Errorf("%s: err = %v", name, err)
+		}
+	}
+}
+
+// FuzzProbeL1 checks that ProbeL1 reads only inside the file, never fails
+// on bytes that are all there, and says Empty only when the raw bytes,
+// decoded here independently, prove the image maps nothing.
+func FuzzProbeL1(f *testing.F) {
+	// More seeds live in testdata/fuzz/FuzzProbeL1: compact (512-byte
+	// cluster) images named empty_* or data_* after ProbeL1's answer.
+	f.Add([]byte{})
+	f.Add([]byte("QFI\xfb\x00\x00\x00\x03"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		got, err := ProbeL1("fuzz", &boundedReader{t: t, data: data}, int64(len(data)))
+		if err != nil {
+			t.Fatalf("err = %v: every byte was readable", err)
+		}
+		if got.Reason == "" {
+			t.Fatal("no reason given")
+		}
+		if got.Empty && !provablyEmpty(data) {
+			t.Fatalf("Empty (%s), but the bytes do not prove it", got.Reason)
+		}
+	})
+}
+
+// provablyEmpty decodes the image the slow, obvious way: a file of at most
+// 512 bytes holds no guest cluster; otherwise a qcow2 v2 or v3 header
+// without snapshots or an external data file whose L1 table lies in the
+// file must have no nonzero entry.
+func provablyEmpty(data []byte) bool {
+	be := binary.BigEndian
+	if len(data) >= v3HeaderLen && be.Uint32(data[4:]) == 3 && be.Uint64(data[72:])&IncompatExternalData != 0 {
+		return false
+	}
+	if len(data) <= 512 {
+		return true
+	}
+	if be.Uint32(data) != Magic || (be.Uint32(data[4:]) != 2 && be.Uint32(data[4:]) != 3) || be.Uint32(data[60:]) != 0 {
+		return false
+	}
+	n, off := uint64(be.Uint32(data[36:])), be.Uint64(data[40:])
+	if n == 0 {
+		return true
+	}
+	if n > MaxL1Entries || off > uint64(len(data)) || n*8 > uint64(len(data))-off {
+		return false
+	}
+	for i := range n {
+		if be.Uint64(data[off+8*i:]) != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// readCorpus returns the []byte values of the seed files in dir by name.
+func readCorpus(t *testing.T, dir string) map[string][]byte {
+	t.Helper()
 	ents, err := os.ReadDir(dir)
 	if err != nil || len(ents) == 0 {
-		t.Fatalf("seed corpus missing: %v", err)
+		t.Fatalf("seed corpus %s missing: %v", dir, err)
 	}
+	out := map[string][]byte{}
 	for _, e := range ents {
 		raw, err := os.ReadFile(filepath.Join(dir, e.Name()))
 		if err != nil {
@@ -117,9 +181,21 @@ func TestSeedCorpusClassified(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", e.Name(), err)
 		}
-		_, err = ParseHeader(e.Name(), strings.NewReader(s), int64(len(s)))
-		if valid := strings.HasPrefix(e.Name(), "valid") || e.Name() == "relative_up"; valid != (err == nil) {
-			t.Errorf("%s: err = %v", e.Name(), err)
+		out[e.Name()] = []byte(s)
+	}
+	return out
+}
+
+// TestProbeL1SeedCorpus keeps the L1 seeds honest: empty_* are Empty and
+// data_* may hold data.
+func TestProbeL1SeedCorpus(t *testing.T) {
+	for name, b := range readCorpus(t, filepath.Join("testdata", "fuzz", "FuzzProbeL1")) {
+		got, err := ProbeL1(name, bytes.NewReader(b), int64(len(b)))
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if want := strings.HasPrefix(name, "empty_"); got.Empty != want {
+			t.Errorf("%s: %+v, want Empty=%v", name, got, want)
 		}
 	}
 }

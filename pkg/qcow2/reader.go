@@ -3,36 +3,86 @@ package qcow2
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"os"
-	"syscall"
 	"unicode/utf8"
+
+	"golang.org/x/sys/unix"
 )
 
-// ReadHeader parses the header of the qcow2 image at path.
+// ReadHeader parses the header of the qcow2 image at path. It is for
+// callers that own path: the last component is opened without following
+// it (O_NOFOLLOW) and without blocking (O_NONBLOCK), and anything but a
+// regular file is refused. Files inside a tree another party can write
+// (a box) must be opened beneath a safeopen.Root and read with
+// ReadHeaderFile instead, because the directories above path are followed.
 //
 // It returns a *CorruptError when the bytes are not an image this package
-// accepts. It returns an *IOError when the file cannot be opened, stat'ed or
-// read. A directory at path is an I/O error too, because nothing about a
-// directory says that the overlay the caller wanted is corrupt.
+// accepts, and an *IOError when the file cannot be opened, stat'ed or read.
+// A symbolic link, directory, FIFO, socket or device at path is a
+// *TamperedError (field "file type"): the path names something this
+// package did not write, and nothing about it says an overlay is corrupt.
 //
 // ReadHeader reads at most cluster 0, and it never allocates more than the
 // file's size.
 func ReadHeader(path string) (*Header, error) {
-	f, err := os.Open(path)
+	f, err := OpenImage(path)
 	if err != nil {
-		return nil, &IOError{Path: path, Op: "open", Err: err}
+		return nil, err
 	}
 	defer f.Close()
-	fi, err := f.Stat()
+	return ReadHeaderFile(f)
+}
+
+// OpenImage opens the image at path for reading as ReadHeader does:
+// without following its last component, without blocking, regular files
+// only. Its errors are classified like ReadHeader's.
+func OpenImage(path string) (*os.File, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, &IOError{Path: path, Op: "stat", Err: err}
+		if !errors.Is(err, unix.ENOENT) {
+			// ELOOP is a symbolic link; ENXIO a socket; ENODEV, ENXIO or
+			// EPERM a device. lstat does not open, so it cannot block.
+			var st unix.Stat_t
+			if lerr := unix.Lstat(path, &st); lerr == nil && st.Mode&unix.S_IFMT != unix.S_IFREG {
+				return nil, TamperedFileType(path, "file type", st.Mode, "regular file", err)
+			}
+		}
+		return nil, &IOError{Path: path, Op: "open", Err: err}
 	}
-	if fi.IsDir() {
-		return nil, &IOError{Path: path, Op: "read", Err: syscall.EISDIR}
+	f := os.NewFile(uintptr(fd), path)
+	if _, err := regularSize(f); err != nil {
+		f.Close()
+		return nil, err
 	}
-	return parseHeader(path, f, fi.Size())
+	return f, nil
+}
+
+// ReadHeaderFile parses the header of the qcow2 image open as f, as
+// ReadHeader does; errors name f.Name(). f is only read with ReadAt, so
+// its offset is not moved. f must be a regular file: anything else is a
+// *TamperedError, and nothing is read from it.
+func ReadHeaderFile(f *os.File) (*Header, error) {
+	size, err := regularSize(f)
+	if err != nil {
+		return nil, err
+	}
+	return parseHeader(f.Name(), f, size)
+}
+
+// regularSize fstats f and returns its size, refusing anything but a
+// regular file.
+func regularSize(f *os.File) (int64, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return 0, &IOError{Path: f.Name(), Op: "stat", Err: err}
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return 0, TamperedFileType(f.Name(), "file type", st.Mode, "regular file", nil)
+	}
+	return st.Size, nil
 }
 
 // ParseHeader parses a qcow2 header from r, whose total length is size.

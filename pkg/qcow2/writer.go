@@ -2,12 +2,15 @@ package qcow2
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"unicode/utf8"
 
 	"golang.org/x/sys/unix"
@@ -135,15 +138,33 @@ func (o *OverlayOptions) layout(size uint64) overlayLayout {
 // Only the header and the two refcount structures are written, so the
 // overlay allocates three filesystem blocks whatever its virtual size.
 func CreateOverlay(ctx context.Context, path string, opts OverlayOptions) error {
+	dir, err := os.OpenFile(filepath.Dir(path), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("create overlay %s: %w", path, err)
+	}
+	defer dir.Close()
+	return CreateOverlayAt(ctx, dir, filepath.Base(path), opts)
+}
+
+// CreateOverlayAt is CreateOverlay for the entry name in the directory open
+// as dir (an O_PATH descriptor is enough). Every file operation is relative
+// to dir, so nothing is created outside it even if the path dir was opened
+// by has since been replaced with a symbolic link; name must be a single
+// path component. Errors name dir.Name()/name.
+func CreateOverlayAt(ctx context.Context, dir *os.File, name string, opts OverlayOptions) error {
+	path := filepath.Join(dir.Name(), name)
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("create overlay %s: %w", path, err)
+	}
+	if name == "" || name == "." || name == ".." || strings.ContainsRune(name, '/') {
+		return fmt.Errorf("create overlay %s: %w: %q is not a single file name", path, ErrInvalidOption, name)
 	}
 	size, err := opts.validate()
 	if err != nil {
 		return fmt.Errorf("create overlay %s: %w", path, err)
 	}
 	lo := opts.layout(size)
-	dir := filepath.Dir(path)
+	dfd := int(dir.Fd())
 
 	f, tmpName, err := openUnnamed(dir)
 	if err != nil {
@@ -153,7 +174,7 @@ func CreateOverlay(ctx context.Context, path string, opts OverlayOptions) error 
 	defer func() {
 		f.Close()
 		if !ok && tmpName != "" {
-			os.Remove(tmpName)
+			unix.Unlinkat(dfd, tmpName, 0)
 		}
 	}()
 
@@ -169,14 +190,14 @@ func CreateOverlay(ctx context.Context, path string, opts OverlayOptions) error 
 			return fmt.Errorf("create overlay %s: sync_file_range: %w", path, err)
 		}
 	}
-	if err := linkInto(f, tmpName, path); err != nil {
+	if err := linkInto(f, dfd, tmpName, name); err != nil {
 		return fmt.Errorf("create overlay %s: %w", path, err)
 	}
 	ok = true
 	if tmpName != "" {
 		// The final name holds the inode now. A leftover temp name would
 		// only be clutter, so a failure to remove it is not fatal.
-		_ = os.Remove(tmpName)
+		_ = unix.Unlinkat(dfd, tmpName, 0)
 	}
 	if !opts.NoSync {
 		// One commit makes the inode, its block map and the new directory
@@ -225,42 +246,51 @@ func writeOverlay(f *os.File, lo overlayLayout) error {
 
 // openUnnamed opens a file in dir that has no name yet, so a crash before
 // linkInto leaves nothing behind. On filesystems without O_TMPFILE it
-// creates a dot-named temp file instead, and returns its name as tmpName
-// for the caller to clean up.
-func openUnnamed(dir string) (*os.File, string, error) {
-	fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_RDWR|unix.O_CLOEXEC, 0o644)
+// creates a dot-named temp file instead, and returns its name in dir as
+// tmpName for the caller to clean up.
+func openUnnamed(dir *os.File) (*os.File, string, error) {
+	dfd := int(dir.Fd())
+	fd, err := unix.Openat(dfd, ".", unix.O_TMPFILE|unix.O_RDWR|unix.O_CLOEXEC, 0o644)
 	if err == nil {
-		return os.NewFile(uintptr(fd), filepath.Join(dir, "(unnamed)")), "", nil
+		return os.NewFile(uintptr(fd), filepath.Join(dir.Name(), "(unnamed)")), "", nil
 	}
 	if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EISDIR) && !errors.Is(err, unix.EINVAL) {
-		return nil, "", fmt.Errorf("open temp file in %s: %w", dir, err)
+		return nil, "", fmt.Errorf("open temp file in %s: %w", dir.Name(), err)
 	}
-	f, err := os.CreateTemp(dir, ".qcow2-*.tmp")
-	if err != nil {
-		return nil, "", fmt.Errorf("create temp file in %s: %w", dir, err)
+	for range 100 {
+		var r [8]byte
+		if _, err := rand.Read(r[:]); err != nil {
+			return nil, "", err
+		}
+		name := ".qcow2-" + hex.EncodeToString(r[:]) + ".tmp"
+		fd, err := unix.Openat(dfd, name, unix.O_CREAT|unix.O_EXCL|unix.O_RDWR|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o644)
+		if errors.Is(err, unix.EEXIST) {
+			continue
+		}
+		if err != nil {
+			return nil, "", fmt.Errorf("create temp file in %s: %w", dir.Name(), err)
+		}
+		return os.NewFile(uintptr(fd), filepath.Join(dir.Name(), name)), name, nil
 	}
-	return f, f.Name(), nil
+	return nil, "", fmt.Errorf("create temp file in %s: %w", dir.Name(), unix.EEXIST)
 }
 
-// linkInto gives the file its final name without ever replacing one. Its
-// errors do not name path, because the caller's error does.
-func linkInto(f *os.File, tmpName, path string) error {
+// linkInto gives the file the name name in the directory dfd without ever
+// replacing one. Its errors do not name the path, because the caller's
+// error does.
+func linkInto(f *os.File, dfd int, tmpName, name string) error {
 	if tmpName != "" {
-		if err := os.Link(tmpName, path); err != nil {
-			var le *os.LinkError
-			if errors.As(err, &le) {
-				err = le.Err
-			}
+		if err := unix.Linkat(dfd, tmpName, dfd, name, 0); err != nil {
 			return fmt.Errorf("link the new file into place: %w", err)
 		}
 		return nil
 	}
 	// Linking with AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH, and without it
 	// the kernel returns ENOENT. Linking through /proc needs no capability.
-	err := unix.Linkat(int(f.Fd()), "", unix.AT_FDCWD, path, unix.AT_EMPTY_PATH)
+	err := unix.Linkat(int(f.Fd()), "", dfd, name, unix.AT_EMPTY_PATH)
 	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.ENOENT) {
 		procPath := "/proc/self/fd/" + strconv.Itoa(int(f.Fd()))
-		err = unix.Linkat(unix.AT_FDCWD, procPath, unix.AT_FDCWD, path, unix.AT_SYMLINK_FOLLOW)
+		err = unix.Linkat(unix.AT_FDCWD, procPath, dfd, name, unix.AT_SYMLINK_FOLLOW)
 	}
 	if err != nil {
 		return fmt.Errorf("link the new file into place: %w", err)
@@ -268,15 +298,17 @@ func linkInto(f *os.File, tmpName, path string) error {
 	return nil
 }
 
-// syncDir makes a new directory entry durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
+// syncDir makes a new directory entry in dir durable. dir may be an O_PATH
+// descriptor, which cannot be fsynced, so the directory is opened again
+// through it.
+func syncDir(dir *os.File) error {
+	fd, err := unix.Openat(int(dir.Fd()), ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("open directory %s for fsync: %w", dir, err)
+		return fmt.Errorf("open directory %s for fsync: %w", dir.Name(), err)
 	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync directory %s: %w", dir, err)
+	defer unix.Close(fd)
+	if err := unix.Fsync(fd); err != nil {
+		return fmt.Errorf("fsync directory %s: %w", dir.Name(), err)
 	}
 	return nil
 }
