@@ -33,6 +33,10 @@ var (
 // before any test runs, and only read afterwards.
 var pluginBin string
 
+// tenantBin is the attacker program of the tenant-isolation suite
+// (cmd/tenant), built by TestMain next to the plugin.
+var tenantBin string
+
 // TestMain builds the plugin as the real binary, because a crash test has
 // to kill a process: an in-process driver cannot be SIGKILLed.
 func TestMain(m *testing.M) {
@@ -55,6 +59,13 @@ func TestMain(m *testing.M) {
 	start := time.Now()
 	if out, err := exec.Command("go", args...).CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "hardening: go %v: %v\n%s", args, err, out)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	tenantBin = filepath.Join(dir, "tenant")
+	tenantArgs := []string{"build", "-o", tenantBin, "github.com/boxlite-csi/boxlite-csi/test/hardening/cmd/tenant"}
+	if out, err := exec.Command("go", tenantArgs...).CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "hardening: go %v: %v\n%s", tenantArgs, err, out)
 		os.RemoveAll(dir)
 		os.Exit(1)
 	}
