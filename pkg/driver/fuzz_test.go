@@ -81,3 +81,28 @@ func FuzzVolumeIDForName(f *testing.F) {
 		}
 	})
 }
+
+// FuzzParseRecord feeds bytes to the volume record parser. Records are the
+// plugin's own files, but a damaged one (or, once, an earlier release's
+// box.json that a pod could have written) must never panic the plugin,
+// and whatever is accepted must be this release's record of this volume.
+func FuzzParseRecord(f *testing.F) {
+	f.Add([]byte(`{"version":1,"volumeID":"bx-1","parameters":{"image":"a"},"capacityBytes":5,"image":"a","digest":"sha256:` + strings.Repeat("a", 64) + `","pinned":"a@sha256:` + strings.Repeat("a", 64) + `","baseInode":12}`))
+	f.Add([]byte(`{"version":2,"volumeID":"bx-1"}`))
+	f.Add([]byte(`{"version":1,"volumeID":"bx-2"}`))
+	f.Add([]byte(`{"version":1,"volumeID":"bx-1","ephemeral":true,"Env":["A=B"],"virtualSize":268435456,"backing":"../base/rootfs.ext4"}`))
+	f.Add([]byte(`{"version":1e400}`))
+	f.Add([]byte(`[`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r, err := parseRecord(b, "bx-1", "/home/volumes/bx-1.json")
+		if err != nil {
+			if !strings.Contains(err.Error(), "/home/volumes/bx-1.json") {
+				t.Fatalf("refusal %v does not name the file", err)
+			}
+			return
+		}
+		if r.VolumeID != "bx-1" || r.Version < 1 || r.Version > recordVersion {
+			t.Fatalf("accepted record %+v", r)
+		}
+	})
+}
