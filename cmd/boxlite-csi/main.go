@@ -46,6 +46,7 @@ type options struct {
 	imageMaxBytes byteSize
 	imageMaxFile  byteSize
 	imageMaxFiles int64
+	maxBuilds     int
 	showVersion   bool
 }
 
@@ -71,7 +72,9 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.Var(&o.cacheMax, "cache-max-size", "also evict once the base disks together exceed this size; 0 means only the watermarks apply")
 	fs.DurationVar(&c.CacheGrace, "cache-grace", 5*time.Minute, "base disks installed or used this recently are never evicted; 0 means no grace")
 	fs.DurationVar(&c.EvictionInterval, "eviction-interval", time.Minute, "how often to run an eviction pass; 0 disables eviction")
-	fs.DurationVar(&c.BuildTimeout, "build-timeout", 30*time.Minute, "longest a base-disk build may run, including after the request that started it gave up")
+	fs.DurationVar(&c.BuildTimeout, "build-timeout", 30*time.Minute, "longest a base-disk build may run, including after the request that started it gave up, and the time it waits for a build slot")
+	fs.IntVar(&o.maxBuilds, "max-concurrent-builds", rootfs.DefaultMaxConcurrentBuilds,
+		"most base-disk builds that run at once; more wait for one to end. A build holds its image's file tree in memory until the base is written (about 250 MiB at the default --image-max-files)")
 	o.headroom = rootfs.DefaultHeadroom
 	o.minBaseSize = rootfs.DefaultMinSize
 	fs.Var(&o.headroom, "base-headroom", "free space in every base disk on top of the image content, for the guest's writes")
@@ -79,9 +82,9 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.Var(&o.minBaseSize, "base-min-size", "smallest base disk size")
 	o.imageMaxBytes = ext4.DefaultMaxTotalBytes
 	o.imageMaxFile = ext4.DefaultMaxFileSize
-	fs.Var(&o.imageMaxBytes, "image-max-bytes", "largest total of uncompressed file data over all of an image's layers (bounds decompression bombs and sparse-file claims)")
+	fs.Var(&o.imageMaxBytes, "image-max-bytes", "largest total of uncompressed layer bytes over all of an image's layers, every byte counted (headers, whiteouts, skipped entries, data after the tar end), and largest total of its file sizes (bounds decompression bombs and sparse-file claims)")
 	fs.Var(&o.imageMaxFile, "image-max-file-size", "largest single file an image may contain")
-	fs.Int64Var(&o.imageMaxFiles, "image-max-files", ext4.DefaultMaxFiles, "most tar entries an image may contain over all its layers")
+	fs.Int64Var(&o.imageMaxFiles, "image-max-files", ext4.DefaultMaxFiles, "most tar entries an image may contain over all its layers, counting the parent directories they imply without an entry of their own")
 	fs.StringVar(&c.LocalImageRoot, "local-image-root", "",
 		"let inline volumes name local image sources (oci:, oci-archive:, docker-archive:) below this directory, with no link followed; empty (the default) refuses them, since any pod author writes inline attributes. StorageClasses may name local sources anywhere")
 	fs.BoolVar(&c.AllowInlineInsecure, "allow-inline-insecure-registries", false,
@@ -148,6 +151,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "boxlite-csi: --image-max-bytes, --image-max-file-size and --image-max-files must be positive")
 		return 2
 	}
+	if o.maxBuilds <= 0 {
+		fmt.Fprintln(stderr, "boxlite-csi: --max-concurrent-builds must be positive")
+		return 2
+	}
+	o.cfg.MaxConcurrentBuilds = o.maxBuilds
 
 	d, err := driver.New(ctx, o.cfg, builder)
 	if err != nil {

@@ -47,6 +47,9 @@ type Config struct {
 	EvictionInterval   time.Duration
 	// BuildTimeout bounds one base build.
 	BuildTimeout time.Duration
+	// MaxConcurrentBuilds caps the base builds running at once; the others
+	// wait within their BuildTimeout. 0 means rootfs's default.
+	MaxConcurrentBuilds int
 	// RegistryRetry is the retry schedule for transient registry failures;
 	// nil keeps go-containerregistry's (three tries, 1 s and 3 s apart).
 	// Tests of registry faults shorten it.

@@ -78,13 +78,14 @@ func New(ctx context.Context, cfg Config, builder BaseBuilder) (*Driver, error) 
 		cfg.Metrics = metrics.New()
 	}
 	cache, err := rootfs.NewCache(ctx, rootfs.CacheConfig{
-		Observer:      cfg.Metrics,
-		Home:          home,
-		BuildTimeout:  cfg.BuildTimeout,
-		HighWatermark: cfg.CacheHighWatermark,
-		LowWatermark:  cfg.CacheLowWatermark,
-		MaxBytes:      cfg.CacheMaxBytes,
-		Grace:         cfg.CacheGrace,
+		Observer:            cfg.Metrics,
+		Home:                home,
+		BuildTimeout:        cfg.BuildTimeout,
+		MaxConcurrentBuilds: cfg.MaxConcurrentBuilds,
+		HighWatermark:       cfg.CacheHighWatermark,
+		LowWatermark:        cfg.CacheLowWatermark,
+		MaxBytes:            cfg.CacheMaxBytes,
+		Grace:               cfg.CacheGrace,
 	})
 	if err != nil {
 		return nil, err

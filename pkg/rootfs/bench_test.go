@@ -18,6 +18,7 @@ import (
 	"github.com/boxlite-csi/boxlite-csi/internal/scratch"
 	"github.com/boxlite-csi/boxlite-csi/internal/testimage"
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
+	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/ext4"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/source"
 )
 
@@ -102,6 +103,50 @@ func BenchmarkColdBuild(b *testing.B) {
 	})
 }
 
+// chartMemLimit is GOMEMLIMIT as the chart sets it by default: 80 % of
+// the plugin container's 512Mi memory limit (values.yaml
+// goMemLimitPercent, resources.limits.memory).
+const chartMemLimit = "429496729"
+
+// BenchmarkColdBuildFileLimit measures a build's peak RSS for an image at
+// the default --image-max-files: one layer of empty files, 64 to a
+// directory, with as many entries as the limit allows. Per-entry memory
+// (inodes, names, directory entries) dominates such a build, so this is
+// the number to hold against the chart's memory limit. The child runs
+// under the chart's GOMEMLIMIT, one build alone and as many at once as
+// --max-concurrent-builds allows by default.
+func BenchmarkColdBuildFileLimit(b *testing.B) {
+	dir := scratch.Dir(b)
+	// Random puts 64 files in each data/dNNNN directory under data/.
+	files := int((ext4.DefaultMaxFiles - 1) * 64 / 65)
+	img := testimage.Random(b, 7, 1, files, 0)
+	oci := filepath.Join(dir, "oci")
+	p, err := ocilayout.Write(oci, empty.Index)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := p.AppendImage(img); err != nil {
+		b.Fatal(err)
+	}
+	for _, builds := range []int{1, DefaultMaxConcurrentBuilds} {
+		b.Run("builds="+strconv.Itoa(builds), func(b *testing.B) {
+			var rss int64
+			for i := 0; b.Loop(); i++ {
+				spec := oci
+				for j := range builds {
+					spec += "," + filepath.Join(dir, fmt.Sprintf("base-%d-%d.ext4", i, j))
+				}
+				rss = max(rss, runChild(b, exec.Command(os.Args[0], "-test.run=^$"), "BOXLITE_BENCH_BUILD="+spec, "GOMEMLIMIT="+chartMemLimit))
+				for _, out := range strings.Split(spec, ",")[1:] {
+					os.Remove(out)
+				}
+			}
+			b.ReportMetric(float64(files), "files")
+			b.ReportMetric(float64(rss)/(1<<20), "peak-RSS-MiB")
+		})
+	}
+}
+
 func uncompressedSize(b *testing.B, img v1.Image) int64 {
 	layers, err := img.Layers()
 	if err != nil {
@@ -178,15 +223,15 @@ func peakRSS() string {
 	return ""
 }
 
-// benchBuildChild is the child half of BenchmarkColdBuild: build a base
-// from an OCI layout dir into a file, exactly as the plugin would.
+// benchBuildChild is the child half of BenchmarkColdBuild and
+// BenchmarkColdBuildFileLimit: build a base from an OCI layout dir into
+// each output file, all at once, exactly as the plugin would.
 func benchBuildChild(spec string) error {
-	i := strings.LastIndexByte(spec, ',')
-	if i < 0 {
-		return fmt.Errorf("want <oci dir>,<output>, got %q", spec)
+	parts := strings.Split(spec, ",")
+	if len(parts) < 2 {
+		return fmt.Errorf("want <oci dir>,<output>[,<output>...], got %q", spec)
 	}
-	oci, out := spec[:i], spec[i+1:]
-	ref, err := source.Parse("oci:" + oci)
+	ref, err := source.Parse("oci:" + parts[0])
 	if err != nil {
 		return err
 	}
@@ -195,16 +240,26 @@ func benchBuildChild(spec string) error {
 	if err != nil {
 		return err
 	}
-	f, err := os.Create(out)
-	if err != nil {
-		return err
+	errs := make(chan error, len(parts)-1)
+	for _, out := range parts[1:] {
+		go func() {
+			f, err := os.Create(out)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer f.Close()
+			if err := (&Ext4Builder{}).Build(ctx, img.V1, f); err != nil {
+				errs <- err
+				return
+			}
+			errs <- f.Sync()
+		}()
 	}
-	defer f.Close()
-	if err := (&Ext4Builder{}).Build(ctx, img.V1, f); err != nil {
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		return err
+	for range parts[1:] {
+		if err := <-errs; err != nil {
+			return err
+		}
 	}
 	fmt.Println(peakRSS())
 	return nil

@@ -39,6 +39,11 @@ type CacheConfig struct {
 	MaxBytes int64
 	// Grace protects bases installed or used this recently. Default 5 min.
 	Grace time.Duration
+	// MaxConcurrentBuilds is the most base builds that run at once in this
+	// process; further builds wait for one to end. A build holds its
+	// image's merged tree in memory until it is written, so this bounds
+	// the memory builds take together. Default DefaultMaxConcurrentBuilds.
+	MaxConcurrentBuilds int
 	// Observer, if set, hears about every build and eviction.
 	Observer CacheObserver
 }
@@ -50,7 +55,15 @@ type CacheObserver interface {
 	ObserveEviction(bytes int64)
 }
 
+// DefaultMaxConcurrentBuilds is CacheConfig.MaxConcurrentBuilds's
+// default. A build at the default --image-max-files peaks near 240 MiB
+// (BenchmarkColdBuildFileLimit), so two fit the chart's 512Mi limit.
+const DefaultMaxConcurrentBuilds = 2
+
 func (c *CacheConfig) setDefaults() error {
+	if c.MaxConcurrentBuilds == 0 {
+		c.MaxConcurrentBuilds = DefaultMaxConcurrentBuilds
+	}
 	if c.BuildTimeout == 0 {
 		c.BuildTimeout = 30 * time.Minute
 	}
@@ -66,8 +79,8 @@ func (c *CacheConfig) setDefaults() error {
 	if !(c.LowWatermark > 0 && c.LowWatermark < c.HighWatermark && c.HighWatermark <= 1) {
 		return fmt.Errorf("rootfs: watermarks must satisfy 0 < low (%v) < high (%v) <= 1", c.LowWatermark, c.HighWatermark)
 	}
-	if c.MaxBytes < 0 || c.BuildTimeout < 0 || c.Grace < 0 {
-		return errors.New("rootfs: MaxBytes, BuildTimeout and Grace must not be negative")
+	if c.MaxBytes < 0 || c.BuildTimeout < 0 || c.Grace < 0 || c.MaxConcurrentBuilds < 0 {
+		return errors.New("rootfs: MaxBytes, BuildTimeout, Grace and MaxConcurrentBuilds must not be negative")
 	}
 	return nil
 }
@@ -87,6 +100,9 @@ type Cache struct {
 
 	mu      sync.Mutex
 	flights map[Key]*flight
+	// slots holds a token for every build running; its capacity is
+	// MaxConcurrentBuilds.
+	slots chan struct{}
 }
 
 // flight is one build in progress; every caller for its key waits on done.
@@ -106,7 +122,7 @@ func NewCache(ctx context.Context, cfg CacheConfig) (*Cache, error) {
 	if err := cfg.Home.Prepare(); err != nil {
 		return nil, err
 	}
-	c := &Cache{cfg: cfg, flights: map[Key]*flight{}}
+	c := &Cache{cfg: cfg, flights: map[Key]*flight{}, slots: make(chan struct{}, cfg.MaxConcurrentBuilds)}
 	if err := c.removeStaleTemps(ctx); err != nil {
 		return nil, err
 	}
@@ -157,7 +173,9 @@ func (c *Cache) lookup(k Key) (Base, bool, error) {
 // The build does not belong to the caller: if ctx ends first, Ensure
 // returns ctx's error and the build goes on (bounded by BuildTimeout), so
 // a retry (kubelet gives up after about two minutes) joins it. A failed
-// build installs nothing, and the next caller starts afresh.
+// build installs nothing, and the next caller starts afresh. At most
+// MaxConcurrentBuilds builds run at once; a build queued behind them
+// waits within its own BuildTimeout, whoever is still waiting for it.
 func (c *Cache) Ensure(ctx context.Context, k Key, build BuildFunc) (Base, error) {
 	if err := k.Validate(); err != nil {
 		return Base{}, err
@@ -215,6 +233,11 @@ func (c *Cache) buildOnce(ctx context.Context, k Key, build BuildFunc) (Base, er
 		return b, err
 	}
 
+	release, err := c.acquireSlot(ctx, k)
+	if err != nil {
+		return Base{}, err
+	}
+	defer release()
 	start := time.Now()
 	b, err := c.install(ctx, k, build)
 	if c.cfg.Observer != nil {
@@ -224,6 +247,28 @@ func (c *Cache) buildOnce(ctx context.Context, k Key, build BuildFunc) (Base, er
 		log.Info("Installed base disk", "path", b.Path, "bytes", b.Size, "duration", time.Since(start))
 	}
 	return b, err
+}
+
+// acquireSlot waits until fewer than MaxConcurrentBuilds builds run, or
+// until ctx (the build's own, bounded by BuildTimeout) ends. A build that
+// has to wait says so in the log, and again when it starts.
+func (c *Cache) acquireSlot(ctx context.Context, k Key) (release func(), err error) {
+	release = func() { <-c.slots }
+	select {
+	case c.slots <- struct{}{}:
+		return release, nil
+	default:
+	}
+	log := klog.FromContext(ctx).WithValues("key", k)
+	log.Info("Waiting for a build slot", "maxConcurrentBuilds", cap(c.slots))
+	start := time.Now()
+	select {
+	case c.slots <- struct{}{}:
+		log.Info("Got a build slot", "waited", time.Since(start))
+		return release, nil
+	case <-ctx.Done():
+		return nil, fmt.Errorf("rootfs: build base %s: waited %s for one of %d build slots: %w", k, time.Since(start).Round(time.Millisecond), cap(c.slots), ctx.Err())
+	}
 }
 
 // install builds k's base into a temp file and moves it into place.

@@ -13,6 +13,9 @@ import (
 	"testing"
 	"time"
 
+	"k8s.io/klog/v2"
+	"k8s.io/klog/v2/ktesting"
+
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 )
 
@@ -311,5 +314,129 @@ func TestBuildKilledHalfway(t *testing.T) {
 	}
 	if got, _ := os.ReadFile(b.Path); string(got) != "whole disk" {
 		t.Fatalf("base holds %q", got)
+	}
+}
+
+// TestConcurrentBuildsAreLimited starts five builds under a limit of two:
+// two run, the others wait (and say so in the log) until a slot is free,
+// and every one of them completes.
+func TestConcurrentBuildsAreLimited(t *testing.T) {
+	c, err := NewCache(context.Background(), CacheConfig{Home: layout.NewHome(t.TempDir(), layout.Config{}), MaxConcurrentBuilds: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	logger := ktesting.NewLogger(t, ktesting.NewConfig(ktesting.BufferLogs(true)))
+	ctx := klog.NewContext(context.Background(), logger)
+	var running, most atomic.Int32
+	started := make(chan struct{}, 5)
+	release := make(chan struct{})
+	build := func(ctx context.Context, out *os.File) error {
+		n := running.Add(1)
+		defer running.Add(-1)
+		for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
+		}
+		started <- struct{}{}
+		<-release
+		_, err := out.WriteString("disk")
+		return err
+	}
+	errs := make(chan error, 5)
+	for i := range 5 {
+		go func() {
+			_, err := c.Ensure(ctx, testKey(100+i), build)
+			errs <- err
+		}()
+	}
+	<-started
+	<-started
+	// The other three say in the log that they wait, and do.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		logs := logger.GetSink().(ktesting.Underlier).GetBuffer().String()
+		n := strings.Count(logs, "Waiting for a build slot")
+		if n == 3 {
+			break
+		}
+		if n > 3 || time.Now().After(deadline) {
+			t.Fatalf("%d builds logged that they wait, want 3:\n%s", n, logs)
+		}
+	}
+	select {
+	case <-started:
+		t.Fatal("a third build started while two were running")
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(release)
+	for range 5 {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	if m := most.Load(); m != 2 {
+		t.Errorf("%d builds ran at once, want 2", m)
+	}
+}
+
+// TestQueuedBuildHonoursItsTimeout queues a build behind one that holds
+// the only slot: its caller gives up at once rather than waiting in the
+// queue, the queued build fails when its own BuildTimeout ends, and the
+// slot is not lost with it.
+func TestQueuedBuildHonoursItsTimeout(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	c, err := NewCache(context.Background(), CacheConfig{Home: layout.NewHome(t.TempDir(), layout.Config{}), MaxConcurrentBuilds: 1, BuildTimeout: timeout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	started, release := make(chan struct{}), make(chan struct{})
+	holder := make(chan error)
+	go func() {
+		// Holds the slot past its timeout, as a build stuck in a syscall would.
+		_, err := c.Ensure(context.Background(), testKey(200), func(_ context.Context, out *os.File) error {
+			close(started)
+			<-release
+			return nil
+		})
+		holder <- err
+	}()
+	<-started
+
+	var builds atomic.Int32
+	k := testKey(201)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	if _, err := c.Ensure(ctx, k, countingBuild(&builds, "disk")); !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "continues in the background") {
+		t.Fatalf("caller: %v, want its own deadline", err)
+	}
+	if d := time.Since(start); d > timeout/2 {
+		t.Errorf("caller gave up after %v: it waited in the queue", d)
+	}
+	if !c.Building(k) {
+		t.Fatal("the queued build went away with its caller")
+	}
+	// Join the queued build and see its own verdict.
+	_, err = c.Ensure(context.Background(), k, countingBuild(&builds, "disk"))
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "build slots") {
+		t.Fatalf("queued build: %v, want its BuildTimeout while waiting for a slot", err)
+	}
+	if c.Building(k) || builds.Load() != 0 {
+		t.Fatalf("queued build still in flight (%v) or ran (%d)", c.Building(k), builds.Load())
+	}
+	close(release)
+	if err := <-holder; err != nil {
+		t.Fatal(err)
+	}
+	// The slots all came back: the next build runs at once.
+	if _, err := c.Ensure(context.Background(), k, countingBuild(&builds, "disk")); err != nil || builds.Load() != 1 {
+		t.Fatalf("build after the queue drained: %v, builds %d", err, builds.Load())
+	}
+	assertNoTemps(t, c)
+}
+
+func TestMaxConcurrentBuildsDefault(t *testing.T) {
+	if c := newCache(t, t.TempDir()); cap(c.slots) != DefaultMaxConcurrentBuilds {
+		t.Fatalf("%d build slots by default, want %d", cap(c.slots), DefaultMaxConcurrentBuilds)
+	}
+	if _, err := NewCache(context.Background(), CacheConfig{Home: layout.NewHome(t.TempDir(), layout.Config{}), MaxConcurrentBuilds: -1}); err == nil {
+		t.Fatal("a negative MaxConcurrentBuilds was accepted")
 	}
 }

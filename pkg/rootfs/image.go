@@ -1,7 +1,6 @@
 package rootfs
 
 import (
-	"archive/tar"
 	"bufio"
 	"context"
 	"crypto/sha256"
@@ -200,12 +199,10 @@ func (s *layerStream) fetch(ctx context.Context, l v1.Layer) error {
 // applyTo feeds the stream to w, then reports the stream's own verdict:
 // a layer counts only once its digest is verified.
 func (s *layerStream) applyTo(ctx context.Context, w *ext4.Writer) error {
-	r := &chunkReader{in: s.chunks, free: s.free}
-	err := w.ApplyLayer(ctx, tar.NewReader(r))
-	if err == nil {
-		// The tar end marker may come before the stream's end.
-		_, err = io.Copy(io.Discard, r)
-	} else {
+	// ApplyLayer reads the stream to its end, so every byte the layer
+	// inflates to counts toward the writer's MaxTotalBytes.
+	err := w.ApplyLayer(ctx, &chunkReader{in: s.chunks, free: s.free})
+	if err != nil {
 		// Stop the producer and wait for it, so its own verdict (a digest
 		// mismatch explains a broken tar better than the tar error) is
 		// safe to read.

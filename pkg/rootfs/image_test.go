@@ -1,22 +1,30 @@
 package rootfs
 
 import (
+	"archive/tar"
 	"bytes"
 	"context"
+	"errors"
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/static"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/klauspost/compress/gzip"
 
 	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
 	"github.com/boxlite-csi/boxlite-csi/internal/testimage"
 	"github.com/boxlite-csi/boxlite-csi/internal/testregistry"
+	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/ext4"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/source"
 )
 
@@ -238,3 +246,154 @@ type recorder struct {
 func (r *recorder) Header() http.Header         { return r.header }
 func (r *recorder) Write(b []byte) (int, error) { return r.body.Write(b) }
 func (r *recorder) WriteHeader(code int)        { r.code = code }
+
+// tarPart is a piece of a layer's uncompressed stream: tar bytes, or a run
+// of zeros that is never held in memory.
+type tarPart struct {
+	tar   []byte
+	zeros int64
+}
+
+// tarBytes renders entries (headers and small bodies) as tar bytes. With
+// end set it closes the archive; without, the next part carries on the
+// last entry's body.
+func tarBytes(t *testing.T, end bool, entries ...tarEntry) tarPart {
+	t.Helper()
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for _, e := range entries {
+		if err := tw.WriteHeader(&e.hdr); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tw.Write(e.body); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// WriteHeader writes through, so without Close buf ends with the last
+	// header, ready for its body.
+	if end {
+		if err := tw.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return tarPart{tar: buf.Bytes()}
+}
+
+type tarEntry struct {
+	hdr  tar.Header
+	body []byte
+}
+
+// lazyLayer is a gzip layer of parts. Runs of zeros are repeated copies of
+// one gzip member of 1 MiB of zeros (gzip is multistream), so a layer that
+// inflates to gigabytes is a few hundred KiB and built in no time.
+func lazyLayer(t *testing.T, parts ...tarPart) v1.Layer {
+	t.Helper()
+	member := func(b []byte) []byte {
+		var buf bytes.Buffer
+		zw := gzip.NewWriter(&buf)
+		zw.Write(b)
+		if err := zw.Close(); err != nil {
+			t.Fatal(err)
+		}
+		return buf.Bytes()
+	}
+	const mib = 1 << 20
+	zeroMiB := member(make([]byte, mib))
+	var blob []byte
+	for _, p := range parts {
+		if len(p.tar) > 0 {
+			blob = append(blob, member(p.tar)...)
+		}
+		for n := p.zeros; n > 0; n -= mib {
+			if n < mib {
+				blob = append(blob, member(make([]byte, n))...)
+				break
+			}
+			blob = append(blob, zeroMiB...)
+		}
+	}
+	return static.NewLayer(blob, types.OCILayer)
+}
+
+// layersImage is an image of nothing but its layers, all Build reads.
+type layersImage struct {
+	v1.Image
+	layers []v1.Layer
+}
+
+func (i layersImage) Layers() ([]v1.Layer, error) { return i.layers, nil }
+
+// TestDecompressedBytesCount checks that every byte the layers inflate to
+// counts toward MaxTotalBytes, not only the sizes of the files the image
+// ends up with: bodies of whiteouts and of skipped entries, and whatever
+// follows the tar end marker. Each case inflates to over 1 GiB under a
+// 16 MiB limit.
+func TestDecompressedBytesCount(t *testing.T) {
+	const (
+		limit = 16 << 20
+		huge  = 1 << 30
+	)
+	mtime := time.Unix(1700000000, 0)
+	reg := func(name string, size int64) tarEntry {
+		return tarEntry{hdr: tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o644, Size: size, ModTime: mtime}}
+	}
+	small := reg("etc/hostname", 5)
+	small.body = []byte("box\n\n")
+	end := tarBytes(t, true)
+	for _, tc := range []struct {
+		name   string
+		layers [][]tarPart
+		ok     bool
+	}{{
+		name:   "1 GiB whiteout body",
+		layers: [][]tarPart{{tarBytes(t, false, small, reg("etc/.wh.gone", huge)), {zeros: huge}, end}},
+	}, {
+		name:   "1 GiB after the tar end",
+		layers: [][]tarPart{{tarBytes(t, true, small), {zeros: huge}}},
+	}, {
+		name:   "1 GiB AUFS bookkeeping entry (skipped)",
+		layers: [][]tarPart{{tarBytes(t, false, small, reg(".wh..wh.plnk/1.2", huge)), {zeros: huge}, end}},
+	}, {
+		name: "1 GiB entry of a type an image cannot hold (skipped)",
+		layers: [][]tarPart{{tarBytes(t, false, small, tarEntry{hdr: tar.Header{Typeflag: 'Z', Name: "odd", Size: huge, ModTime: mtime}}),
+			{zeros: huge}, end}},
+	}, {
+		name: "whiteout bodies over two layers, each under the limit",
+		layers: [][]tarPart{
+			{tarBytes(t, false, reg(".wh.a", limit*3/4)), {zeros: limit * 3 / 4}, end},
+			{tarBytes(t, false, reg(".wh.b", limit*3/4)), {zeros: limit * 3 / 4}, end},
+		},
+	}, {
+		name:   "file sizes still count",
+		layers: [][]tarPart{{tarBytes(t, false, reg("big", limit+1)), {zeros: limit + 1}, end}},
+	}, {
+		name:   "under the limit",
+		layers: [][]tarPart{{tarBytes(t, false, small, reg(".wh.x", limit/2)), {zeros: limit / 2}, end}},
+		ok:     true,
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			var layers []v1.Layer
+			for _, parts := range tc.layers {
+				layers = append(layers, lazyLayer(t, parts...))
+			}
+			out, err := os.Create(filepath.Join(t.TempDir(), "base.ext4"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer out.Close()
+			b := &Ext4Builder{Options: ext4.Options{MaxTotalBytes: limit}}
+			err = b.Build(context.Background(), layersImage{layers: layers}, out)
+			if tc.ok {
+				if err != nil {
+					t.Fatalf("Build: %v", err)
+				}
+				return
+			}
+			var le *ext4.LimitError
+			if !errors.As(err, &le) || le.Limit != ext4.LimitTotalBytes || le.Max != limit {
+				t.Fatalf("Build: %v, want a %v LimitError of %d", err, ext4.LimitTotalBytes, limit)
+			}
+		})
+	}
+}

@@ -43,6 +43,7 @@ value is empty, so the plugin's own defaults apply.
 - --cache-grace={{ .Values.cache.grace }}
 - --eviction-interval={{ .Values.cache.evictionInterval }}
 - --build-timeout={{ .Values.buildTimeout }}
+- --max-concurrent-builds={{ .Values.maxConcurrentBuilds }}
 {{- with .Values.capacityReserve }}
 - --capacity-reserve={{ . }}
 {{- end }}

@@ -41,9 +41,9 @@ func (c *cursor) takeContig(n uint64) uint64 {
 	return start
 }
 
-// takeExtents allocates n blocks as extents for logical blocks 0..n-1.
-func (c *cursor) takeExtents(n uint64) []extent {
-	var exts []extent
+// appendExtents allocates n blocks as extents for logical blocks 0..n-1
+// and appends them to exts.
+func (c *cursor) appendExtents(exts []extent, n uint64) []extent {
 	for logical := uint64(0); logical < n; {
 		start, got := c.take(min(n-logical, maxExtentLen))
 		exts = append(exts, extent{logical: uint32(logical), start: start, length: uint16(got)})

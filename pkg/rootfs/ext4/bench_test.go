@@ -107,7 +107,7 @@ func buildFromTar(tb testing.TB, tarball []byte, img string) Stats {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	if err := b.ApplyLayer(context.Background(), tar.NewReader(bytes.NewReader(tarball))); err != nil {
+	if err := b.ApplyLayer(context.Background(), bytes.NewReader(tarball)); err != nil {
 		tb.Fatal(err)
 	}
 	st, err := b.Finish(context.Background())

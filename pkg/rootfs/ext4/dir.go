@@ -2,12 +2,6 @@ package ext4
 
 import "encoding/binary"
 
-// dirent is one name in a directory.
-type dirent struct {
-	name  string
-	inode *inode
-}
-
 const (
 	// dirUsable is the space for entries in a directory block, in front of
 	// the checksum tail.
@@ -43,23 +37,26 @@ func fileType(mode uint16) uint8 {
 	return ext4FTUnknown
 }
 
-// dirBlocks encodes a linear directory and returns its number of blocks.
-// The entries are ".", "..", then entries in order. An entry never
-// straddles two blocks, and the last entry of each block is stretched up
-// to the checksum tail. The directory has at least minBlocks blocks, and
-// the extra ones hold a single unused entry. self and parent are inode
-// numbers. emit receives each block with its logical index. With
+// dirBlocks encodes the linear directory in and returns its number of
+// blocks. The entries are ".", "..", then its children in name order. An
+// entry never straddles two blocks, and the last entry of each block is
+// stretched up to the checksum tail. The directory has at least minBlocks
+// blocks, and the extra ones hold a single unused entry. emit receives
+// each block with its logical index; the block is reused afterwards. With
 // emit == nil, the blocks are only counted.
-func (c checksummer) dirBlocks(self, parent uint32, entries []dirent, minBlocks int, emit func(i int, b []byte) error) (int, error) {
-	d := &dirEncoder{csum: c, seed: c.inodeSeed(self), emit: emit}
-	if err := d.add(self, ".", ext4FTDir); err != nil {
+func (w *Writer) dirBlocks(in *inode, minBlocks int, emit func(i int, b []byte) error) (int, error) {
+	t := w.tree
+	d := &dirEncoder{csum: w.csum, seed: w.csum.inodeSeed(in.num), emit: emit, b: w.dirBuf}
+	if err := d.add(in.num, dotName, ext4FTDir); err != nil {
 		return 0, err
 	}
-	if err := d.add(parent, "..", ext4FTDir); err != nil {
+	if err := d.add(w.dirs[in.dir-1].parentNum, dotDotName, ext4FTDir); err != nil {
 		return 0, err
 	}
-	for _, e := range entries {
-		if err := d.add(e.inode.num, e.name, fileType(e.inode.mode)); err != nil {
+	for _, id := range w.dirEntries(in) {
+		n := t.node(id)
+		c := t.inode(n.inode)
+		if err := d.add(c.num, t.name(n), fileType(c.mode)); err != nil {
 			return 0, err
 		}
 	}
@@ -73,8 +70,14 @@ func (c checksummer) dirBlocks(self, parent uint32, entries []dirent, minBlocks 
 			return 0, err
 		}
 	}
+	w.dirBuf = d.b
 	return d.count, nil
 }
+
+var (
+	dotName    = []byte(".")
+	dotDotName = []byte("..")
+)
 
 // dirEncoder fills directory blocks with entries, one block at a time.
 type dirEncoder struct {
@@ -89,7 +92,7 @@ type dirEncoder struct {
 
 // add appends an entry, starting a new block when it does not fit in the
 // current one.
-func (d *dirEncoder) add(ino uint32, name string, ft uint8) error {
+func (d *dirEncoder) add(ino uint32, name []byte, ft uint8) error {
 	size := direntSize(len(name))
 	if d.pos+size > dirUsable {
 		if err := d.endBlock(); err != nil {
@@ -117,7 +120,11 @@ func (d *dirEncoder) add(ino uint32, name string, ft uint8) error {
 // the block holds one unused entry (inode 0) there.
 func (d *dirEncoder) newBlock() {
 	if d.emit != nil {
-		d.b = make([]byte, blockSize)
+		if d.b == nil {
+			d.b = make([]byte, blockSize)
+		} else {
+			clear(d.b)
+		}
 	}
 	d.lastPos = 0
 }

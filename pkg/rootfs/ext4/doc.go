@@ -6,7 +6,7 @@
 //
 //	w, err := ext4.NewWriter(f, ext4.Options{Headroom: 1 << 30})
 //	for _, layer := range layers { // lowest layer first
-//		err = w.ApplyLayer(ctx, tar.NewReader(decompressed(layer)))
+//		err = w.ApplyLayer(ctx, decompressed(layer)) // the layer's tar stream
 //	}
 //	stats, err := w.Finish(ctx)
 //
@@ -15,6 +15,16 @@
 // file contents go to their final place in the image the moment they are
 // read. Everything else (inodes, directories, bitmaps, the journal) is kept
 // in memory and written by Finish.
+//
+// # Memory
+//
+// The merged tree lives in a few large arrays without pointers (store.go):
+// a 64-byte inode and a 32-byte node per name, the names packed into one
+// arena, and one hash index of 4-byte slots that finds a child by parent
+// and name. An entry costs about 120 bytes until Finish, plus its symlink
+// target and xattrs, so an image at DefaultMaxFiles holds about 120 MiB.
+// Options.MaxFiles bounds the entries, and Options.MaxTotalBytes every
+// byte the layer streams hold.
 //
 // # Layout
 //

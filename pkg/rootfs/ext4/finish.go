@@ -1,10 +1,10 @@
 package ext4
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
-	"maps"
 	"math/bits"
 	"slices"
 )
@@ -24,18 +24,18 @@ func (w *Writer) finish(ctx context.Context) (Stats, error) {
 	if err := w.releaseFreed(); err != nil {
 		return Stats{}, err
 	}
-	root := w.tree.root
-	if root.children[lostFound] == nil {
-		in := w.tree.implicitDir()
+	t := w.tree
+	if t.child(t.root, lostFound) == 0 {
+		in := t.implicitDir()
 		in.mode = sIFDIR | 0o700
-		if _, err := w.tree.add(root, lostFound, in); err != nil {
+		if _, err := t.add(t.root, lostFound, t.newInode(in, nil)); err != nil {
 			return Stats{}, err
 		}
 	}
 	inodes := w.numberInodes()
 	w.sizeInodes(inodes)
 	xblocks := w.prepareXattrs(inodes)
-	journal := &inode{mode: sIFREG | 0o600, num: journalIno, nlink: 1, atime: w.now, mtime: w.now, ctime: w.now}
+	journal := &inode{mode: sIFREG | 0o600, num: journalIno, links: 1, atime: w.now, mtime: w.now, ctime: w.now}
 	if err := ctx.Err(); err != nil {
 		return Stats{}, err
 	}
@@ -50,6 +50,7 @@ func (w *Writer) finish(ctx context.Context) (Stats, error) {
 		return Stats{}, fmt.Errorf("ext4: sizing image: %w", err)
 	}
 	st := w.stats
+	st.LayerBytes = w.readBytes
 	st.ImageBytes = int64(g.totalBlocks) * blockSize
 	st.Inodes = int64(len(inodes) - 1)
 	st.FreeInodes = int64(g.groups*g.inodesPerGroup) - st.Inodes
@@ -59,28 +60,62 @@ func (w *Writer) finish(ctx context.Context) (Stats, error) {
 	return st, nil
 }
 
+// dirInfo is what Finish needs to write a directory.
+type dirInfo struct {
+	parentNum    uint32 // inode number of ".."
+	entOff, entN uint32 // the children, in name order, in Writer.ents
+	blocks       uint32 // directory blocks
+}
+
+// dirInfo returns the directory in's dirInfo, adding it if it has none.
+func (w *Writer) dirInfo(in *inode) *dirInfo {
+	if in.dir == 0 {
+		w.dirs = append(w.dirs, dirInfo{})
+		in.dir = uint32(len(w.dirs))
+	}
+	return &w.dirs[in.dir-1]
+}
+
+// dirEntries returns the children of the directory in, in name order.
+func (w *Writer) dirEntries(in *inode) []nodeID {
+	d := &w.dirs[in.dir-1]
+	return w.ents[d.entOff : d.entOff+d.entN]
+}
+
 // numberInodes assigns inode numbers in depth-first name order, so that
 // the inodes of one directory's entries are neighbours in the inode table.
 // The result is indexed by inode number. Reserved numbers other than the
-// root's are nil.
-func (w *Writer) numberInodes() []*inode {
-	root := w.tree.root
-	inodes := make([]*inode, firstIno)
+// root's are 0.
+func (w *Writer) numberInodes() []inodeID {
+	t := w.tree
+	root := t.node(t.root)
+	// Every inode stored so far is an upper bound on those in the image,
+	// and every indexed name is an entry of some directory.
+	inodes := make([]inodeID, firstIno, int(firstIno)+int(t.inodes.n))
 	inodes[rootIno] = root.inode
-	root.inode.num, root.inode.parentNum = rootIno, rootIno
-	if lf := root.children[lostFound]; lf.inode.isDir() {
-		lf.inode.num = lostFoundIno
-		inodes = append(inodes, lf.inode)
+	w.ents = make([]nodeID, 0, t.index.count)
+	rootIn := t.inode(root.inode)
+	rootIn.num = rootIno
+	w.dirInfo(rootIn).parentNum = rootIno
+	if lf := t.child(t.root, lostFound); t.inodeOf(lf).isDir() {
+		t.inodeOf(lf).num = lostFoundIno
+		inodes = append(inodes, t.node(lf).inode)
 	}
-	stack := []*node{root}
+	stack := []nodeID{t.root}
+	var children []nodeID
 	for len(stack) > 0 {
 		n := stack[len(stack)-1]
 		stack = stack[:len(stack)-1]
-		names := slices.Sorted(maps.Keys(n.children))
-		inodes = numberEntries(n, names, inodes)
+		children = children[:0]
+		for c := t.node(n).first; c != 0; c = t.node(c).next {
+			children = append(children, c)
+		}
+		// Names are unique in a directory, so the order is total.
+		slices.SortFunc(children, func(a, b nodeID) int { return bytes.Compare(t.name(t.node(a)), t.name(t.node(b))) })
+		inodes = w.numberEntries(n, children, inodes)
 		// Push in reverse so that subdirectories are visited in name order.
-		for i := len(names) - 1; i >= 0; i-- {
-			if c := n.children[names[i]]; c.inode.isDir() {
+		for i := len(children) - 1; i >= 0; i-- {
+			if c := children[i]; t.inodeOf(c).isDir() {
 				stack = append(stack, c)
 			}
 		}
@@ -90,100 +125,114 @@ func (w *Writer) numberInodes() []*inode {
 
 // numberEntries gives the next free numbers to the children of directory n
 // that have none yet, and appends them to inodes. A hard link to an inode
-// numbered earlier keeps that number. It also fills in n's entries (in the
-// order of names), the parent of each subdirectory and n's link count.
-func numberEntries(n *node, names []string, inodes []*inode) []*inode {
-	dir := n.inode
-	dir.entries = make([]dirent, len(names))
+// numbered earlier keeps that number. It also records n's entries (in the
+// order of children), the parent of each subdirectory and n's link count.
+func (w *Writer) numberEntries(n nodeID, children []nodeID, inodes []inodeID) []inodeID {
+	t := w.tree
+	dir := t.inodeOf(n)
+	d := w.dirInfo(dir)
+	d.entOff, d.entN = uint32(len(w.ents)), uint32(len(children))
+	w.ents = append(w.ents, children...)
 	subdirs := uint32(0)
-	for i, name := range names {
-		c := n.children[name].inode
+	for _, id := range children {
+		c := t.inodeOf(id)
 		if c.num == 0 {
 			c.num = uint32(len(inodes))
-			inodes = append(inodes, c)
+			inodes = append(inodes, t.node(id).inode)
 		}
-		dir.entries[i] = dirent{name: name, inode: c}
 		if c.isDir() {
-			c.parentNum = dir.num
+			w.dirInfo(c).parentNum = dir.num
 			subdirs++
 		}
 	}
-	dir.nlink = 2 + subdirs
-	if dir.nlink > maxLinks {
-		dir.nlink = 1 // with dir_nlink, 1 means "too many to count"
+	nlink := 2 + subdirs
+	if nlink > maxLinks {
+		nlink = 1 // with dir_nlink, 1 means "too many to count"
 	}
+	dir.links = uint16(nlink)
 	return inodes
 }
 
-// sizeInodes sets the number of data blocks, the size and the final link
-// count of every numbered inode, and counts them by type for Stats.
-func (w *Writer) sizeInodes(inodes []*inode) {
-	for _, in := range inodes {
-		if in == nil {
+// sizeInodes sets the number of blocks and the size of every numbered
+// directory, and counts the inodes by type for Stats.
+func (w *Writer) sizeInodes(inodes []inodeID) {
+	t := w.tree
+	for _, id := range inodes {
+		if id == 0 {
 			continue
 		}
+		in := t.inode(id)
 		switch in.mode & sIFMT {
 		case sIFDIR:
 			minBlocks := 1
 			if in.num == lostFoundIno {
 				minBlocks = lostFoundBlocks
 			}
-			count, _ := w.csum.dirBlocks(in.num, in.parentNum, in.entries, minBlocks, nil)
-			in.dataBlocks = uint64(count)
-			in.size = in.dataBlocks * blockSize
+			count, _ := w.dirBlocks(in, minBlocks, nil)
+			w.dirs[in.dir-1].blocks = uint32(count)
+			in.size = uint64(count) * blockSize
 			w.stats.Dirs++
 		case sIFREG:
-			for _, e := range in.extents {
-				in.dataBlocks += uint64(e.length)
-			}
 			w.stats.Files++
 			w.stats.DataBytes += int64(in.size)
 		case sIFLNK:
-			if len(in.target) > fastSymlinkMax {
-				in.dataBlocks = 1
-			}
 			w.stats.Symlinks++
 		default:
 			w.stats.Specials++
 		}
 		if !in.isDir() {
-			in.nlink = in.links
 			w.stats.HardLinks += int64(in.links - 1)
 		}
 	}
 }
 
+// ownBlocks is how many blocks Finish allocates for in's content:
+// directory blocks, or a long symlink's target block.
+func (w *Writer) ownBlocks(in *inode) uint64 {
+	switch {
+	case in.isDir():
+		return uint64(w.dirs[in.dir-1].blocks)
+	case in.isSymlink() && len(w.tree.target(in)) > fastSymlinkMax:
+		return 1
+	}
+	return 0
+}
+
 // prepareXattrs splits every inode's attributes between the inode body and
 // an external block. Inodes with identical blocks share one, as the kernel
 // does.
-func (w *Writer) prepareXattrs(inodes []*inode) []*xattrBlock {
+func (w *Writer) prepareXattrs(inodes []inodeID) []*xattrBlock {
 	var blocks []*xattrBlock
 	shared := map[string]*xattrBlock{}
-	for _, in := range inodes {
-		if in == nil || len(in.xattrs) == 0 {
+	for _, id := range inodes {
+		if id == 0 {
 			continue
 		}
-		ibody, rest := splitXattrs(in.xattrs)
-		in.ibodyXattrs = ibody
+		x := w.tree.extra(w.tree.inode(id))
+		if x == nil || len(x.xattrs) == 0 {
+			continue
+		}
+		ibody, rest := splitXattrs(x.xattrs)
+		x.ibodyXattrs = ibody
 		if len(rest) == 0 {
 			continue
 		}
 		body := newXattrBlockBody(rest)
-		x := shared[string(body)]
-		if x == nil || x.refcount >= maxXattrRefcount {
-			x = &xattrBlock{body: body}
-			shared[string(body)] = x
-			blocks = append(blocks, x)
+		b := shared[string(body)]
+		if b == nil || b.refcount >= maxXattrRefcount {
+			b = &xattrBlock{body: body}
+			shared[string(body)] = b
+			blocks = append(blocks, b)
 		}
-		x.refcount++
-		in.xblock = x
+		b.refcount++
+		x.xblock = b
 	}
 	return blocks
 }
 
 // writeMetadata writes everything but file data. It goes in ascending block
 // order as far as possible, so that the block writer can merge neighbours.
-func (w *Writer) writeMetadata(ctx context.Context, g *geometry, inodes []*inode, xblocks []*xattrBlock, journal *inode) error {
+func (w *Writer) writeMetadata(ctx context.Context, g *geometry, inodes []inodeID, xblocks []*xattrBlock, journal *inode) error {
 	descs := make([]groupDesc, g.groups)
 	for grp := range descs {
 		d := &descs[grp]
@@ -282,8 +331,9 @@ func (w *Writer) writeInodeBitmaps(g *geometry, descs []groupDesc, used uint64) 
 // writeInodeTables writes the inode tables up to the last inode in use. The
 // rest stays a hole, which reads as the zeroed table that the descriptors
 // promise.
-func (w *Writer) writeInodeTables(ctx context.Context, g *geometry, descs []groupDesc, inodes []*inode, journal *inode) error {
+func (w *Writer) writeInodeTables(ctx context.Context, g *geometry, descs []groupDesc, inodes []inodeID, journal *inode) error {
 	used := uint64(len(inodes) - 1)
+	var table []byte
 	for grp := range g.groups {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -292,25 +342,31 @@ func (w *Writer) writeInodeTables(ctx context.Context, g *geometry, descs []grou
 		if n == 0 {
 			break
 		}
-		table := make([]byte, ceilDiv(n, inodesPerBlock)*blockSize)
+		size := int(ceilDiv(n, inodesPerBlock) * blockSize)
+		if cap(table) < size {
+			table = make([]byte, size)
+		}
+		table = table[:size]
+		clear(table)
 		for i := range n {
 			num := uint32(grp*g.inodesPerGroup + i + 1)
 			dst := table[i*inodeSize : (i+1)*inodeSize]
-			in := inodes[num]
-			if num == journalIno {
+			var in *inode
+			switch {
+			case num == journalIno:
 				in = journal
-			}
-			if in == nil {
+			case inodes[num] != 0:
+				in = w.tree.inode(inodes[num])
+			default:
 				// A reserved, unused inode. mke2fs leaves these all zero
 				// apart from the checksum.
 				w.csum.setInodeChecksum(dst, num)
 				continue
 			}
-			root, err := w.iblock(in)
-			if err != nil {
+			if err := w.iblock(in, dst[iBlock:iBlock+iBlockLen]); err != nil {
 				return err
 			}
-			w.csum.encodeInode(dst, in, root)
+			w.csum.encodeInode(dst, in, w.tree.extra(in), w.dataBlocks(in), w.tree.target(in))
 			if in.isDir() {
 				descs[grp].usedDirs++
 			}
@@ -325,20 +381,24 @@ func (w *Writer) writeInodeTables(ctx context.Context, g *geometry, descs []grou
 // writeOwnedBlocks writes the blocks that inodes own besides file data.
 // These are directory blocks, long symlink targets, xattr blocks, the
 // journal superblock and extent-tree nodes.
-func (w *Writer) writeOwnedBlocks(inodes []*inode, xblocks []*xattrBlock, journal *inode) error {
+func (w *Writer) writeOwnedBlocks(inodes []inodeID, xblocks []*xattrBlock, journal *inode) error {
 	bw := &w.bw
-	for _, in := range inodes {
-		switch {
-		case in == nil:
+	t := w.tree
+	for _, id := range inodes {
+		if id == 0 {
+			continue
+		}
+		switch in := t.inode(id); {
 		case in.isDir():
-			emit := func(i int, blk []byte) error { return bw.write(physicalBlock(in.extents, uint64(i)), blk) }
-			if _, err := w.csum.dirBlocks(in.num, in.parentNum, in.entries, int(in.dataBlocks), emit); err != nil {
+			exts := w.extents(in)
+			emit := func(i int, blk []byte) error { return bw.write(physicalBlock(exts, uint64(i)), blk) }
+			if _, err := w.dirBlocks(in, int(w.dirs[in.dir-1].blocks), emit); err != nil {
 				return err
 			}
-		case in.isSymlink() && in.dataBlocks > 0:
+		case in.isSymlink() && in.nExt > 0:
 			blk := make([]byte, blockSize)
-			copy(blk, in.target)
-			if err := bw.write(in.extents[0].start, blk); err != nil {
+			copy(blk, t.target(in))
+			if err := bw.write(w.extents(in)[0].start, blk); err != nil {
 				return err
 			}
 		}
@@ -348,18 +408,25 @@ func (w *Writer) writeOwnedBlocks(inodes []*inode, xblocks []*xattrBlock, journa
 			return err
 		}
 	}
-	if err := bw.write(journal.extents[0].start, journalSuperblock(journal.dataBlocks, w.uuid)); err != nil {
+	if err := bw.write(w.extents(journal)[0].start, journalSuperblock(w.dataBlocks(journal), w.uuid)); err != nil {
 		return err
 	}
-	for _, in := range append(slices.Clip(inodes[rootIno:]), journal) {
-		if in == nil || len(in.treeBlocks) == 0 {
-			continue
+	write := func(in *inode) error {
+		x := t.extra(in)
+		if x == nil || len(x.treeBlocks) == 0 {
+			return nil
 		}
-		if _, err := w.csum.extentTree(in.extents, in.treeBlocks, w.csum.inodeSeed(in.num), bw.write); err != nil {
-			return err
+		var root [iBlockLen]byte
+		return w.csum.extentTree(root[:], w.extents(in), x.treeBlocks, w.csum.inodeSeed(in.num), bw.write)
+	}
+	for _, id := range inodes[rootIno:] {
+		if id != 0 {
+			if err := write(t.inode(id)); err != nil {
+				return err
+			}
 		}
 	}
-	return nil
+	return write(journal)
 }
 
 // writeSuperblocks writes the group descriptor table and the superblock:
@@ -373,7 +440,7 @@ func (w *Writer) writeSuperblocks(g *geometry, descs []groupDesc, used uint64, j
 		inodesPerGroup: uint32(g.inodesPerGroup),
 		uuid:           w.uuid,
 		hashSeed:       w.hashSeed,
-		time:           w.now.sec,
+		time:           w.now.seconds(),
 	}
 	for grp := range descs {
 		w.csum.encodeGroupDesc(gdt[grp*descSize:], uint32(grp), &descs[grp])
@@ -410,8 +477,8 @@ func (w *Writer) writeSuperblocks(g *geometry, descs []groupDesc, used uint64, j
 // journal if inode 8 is damaged.
 func (w *Writer) journalBackup(journal *inode) ([jnlBlocksLen]uint32, error) {
 	var backup [jnlBlocksLen]uint32
-	root, err := w.iblock(journal)
-	if err != nil {
+	root := make([]byte, iBlockLen)
+	if err := w.iblock(journal, root); err != nil {
 		return backup, err
 	}
 	for i := range iBlockLen / 4 {
@@ -422,19 +489,27 @@ func (w *Writer) journalBackup(journal *inode) ([jnlBlocksLen]uint32, error) {
 	return backup, nil
 }
 
-// iblock returns the i_block content of in (iBlockLen bytes).
-func (w *Writer) iblock(in *inode) ([]byte, error) {
+// iblock writes the i_block content of in to root (iBlockLen bytes,
+// zeroed).
+func (w *Writer) iblock(in *inode, root []byte) error {
+	target := w.tree.target(in)
 	switch {
-	case in.usesExtents():
-		return w.csum.extentTree(in.extents, in.treeBlocks, w.csum.inodeSeed(in.num), nil)
+	case in.usesExtents(target):
+		var tree []uint64
+		if x := w.tree.extra(in); x != nil {
+			tree = x.treeBlocks
+		}
+		return w.csum.extentTree(root, w.extents(in), tree, w.csum.inodeSeed(in.num), nil)
 	case in.isSymlink():
-		root := make([]byte, iBlockLen)
-		copy(root, in.target)
-		return root, nil
+		copy(root, target)
 	case in.mode&sIFMT == sIFCHR || in.mode&sIFMT == sIFBLK:
-		return deviceBlock(in.devMajor, in.devMinor), nil
+		var major, minor uint32
+		if x := w.tree.extra(in); x != nil {
+			major, minor = x.devMajor, x.devMinor
+		}
+		putDevice(root, major, minor)
 	}
-	return nil, nil
+	return nil
 }
 
 // physicalBlock maps a logical block through extents that cover it.

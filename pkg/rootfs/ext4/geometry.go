@@ -2,7 +2,6 @@ package ext4
 
 import (
 	"fmt"
-	"slices"
 )
 
 // Fixed geometry. With 4 KiB blocks, one bitmap block covers exactly one
@@ -92,7 +91,7 @@ func inodesInGroup(g *geometry, used, grp uint64) uint64 {
 // The size of the metadata depends on the group count, and the group count
 // depends on the total size, so it tries again with more groups until the
 // count stops growing. That takes a step or two.
-func (w *Writer) planGeometry(inodes []*inode, xblocks []*xattrBlock, journal *inode) (*geometry, error) {
+func (w *Writer) planGeometry(inodes []inodeID, xblocks []*xattrBlock, journal *inode) (*geometry, error) {
 	used := uint64(len(inodes) - 1)
 	space := uint64(max(w.opts.Headroom, w.opts.MinSize))
 	wantInodes := min(used+max(used/4, minSpareInodes, space/bytesPerInode), maxInodes)
@@ -129,7 +128,7 @@ func (w *Writer) planGeometry(inodes []*inode, xblocks []*xattrBlock, journal *i
 
 // tryGeometry places all metadata after the data for a given group count.
 // It allocates from a copy of the data cursor, so it can be repeated.
-func (w *Writer) tryGeometry(groups, wantInodes, journalSize uint64, inodes []*inode, xblocks []*xattrBlock, journal *inode) *geometry {
+func (w *Writer) tryGeometry(groups, wantInodes, journalSize uint64, inodes []inodeID, xblocks []*xattrBlock, journal *inode) *geometry {
 	g := &geometry{groups: groups, gdtBlocks: ceilDiv(groups, descsPerBlock)}
 	g.inodesPerGroup = ceilDiv(ceilDiv(wantInodes, groups), inodesPerBlock) * inodesPerBlock
 	g.itableBlocks = g.inodesPerGroup / inodesPerBlock
@@ -143,28 +142,53 @@ func (w *Writer) tryGeometry(groups, wantInodes, journalSize uint64, inodes []*i
 	for range groups {
 		g.inodeTable = append(g.inodeTable, a.contig(g.itableBlocks))
 	}
-	for _, in := range inodes {
-		if in != nil && !in.isReg() && in.dataBlocks > 0 {
-			in.extents = a.extents(in.dataBlocks)
+	t := w.tree
+	w.metaExts = w.metaExts[:0]
+	place := func(in *inode, n uint64) {
+		in.ext = uint32(len(w.metaExts))
+		w.metaExts = a.appendExtents(w.metaExts, n)
+		in.nExt = uint32(len(w.metaExts)) - in.ext
+	}
+	for _, id := range inodes {
+		if id == 0 {
+			continue
+		}
+		if in := t.inode(id); !in.isReg() {
+			if n := w.ownBlocks(in); n > 0 {
+				place(in, n)
+			}
 		}
 	}
 	for _, x := range xblocks {
 		x.blk = a.contig(1)
 	}
-	journal.dataBlocks = journalSize
-	journal.size = journal.dataBlocks * blockSize
-	journal.extents = a.extents(journal.dataBlocks)
-	for _, in := range append(slices.Clip(inodes[rootIno:]), journal) {
-		if in == nil {
-			continue
+	journal.size = journalSize * blockSize
+	place(journal, journalSize)
+	var tree []extent
+	plan := func(in *inode) {
+		n := treeBlockCount(int(in.nExt))
+		x := t.extra(in)
+		if n == 0 {
+			if x != nil {
+				x.treeBlocks = x.treeBlocks[:0]
+			}
+			return
 		}
-		in.treeBlocks = in.treeBlocks[:0]
-		for _, e := range a.extents(uint64(treeBlockCount(len(in.extents)))) {
+		x = t.extraFor(in)
+		x.treeBlocks = x.treeBlocks[:0]
+		tree = a.appendExtents(tree[:0], uint64(n))
+		for _, e := range tree {
 			for i := range uint64(e.length) {
-				in.treeBlocks = append(in.treeBlocks, e.start+i)
+				x.treeBlocks = append(x.treeBlocks, e.start+i)
 			}
 		}
 	}
+	for _, id := range inodes[rootIno:] {
+		if id != 0 {
+			plan(t.inode(id))
+		}
+	}
+	plan(journal)
 	g.end = a.cursor.next
 	g.runs = a.runs
 	return g
@@ -194,10 +218,12 @@ func (a *metaAlloc) contig(n uint64) uint64 {
 	return start
 }
 
-// extents allocates n blocks as extents for logical blocks 0..n-1.
-func (a *metaAlloc) extents(n uint64) []extent {
-	exts := a.cursor.takeExtents(n)
-	for _, e := range exts {
+// appendExtents allocates n blocks as extents for logical blocks 0..n-1
+// and appends them to exts.
+func (a *metaAlloc) appendExtents(exts []extent, n uint64) []extent {
+	k := len(exts)
+	exts = a.cursor.appendExtents(exts, n)
+	for _, e := range exts[k:] {
 		a.mark(e.start, uint64(e.length))
 	}
 	return exts

@@ -66,7 +66,7 @@ func (e tentry) with(f func(h *tar.Header)) tentry {
 
 // tarStream renders entries as a tar stream, produced on the fly so that
 // large synthetic files never sit in memory.
-func tarStream(entries []tentry) io.Reader {
+func tarStream(entries []tentry) *io.PipeReader {
 	pr, pw := io.Pipe()
 	go func() {
 		tw := tar.NewWriter(pw)
@@ -92,6 +92,19 @@ func tarStream(entries []tentry) io.Reader {
 // buildImage builds an image from layers into a new temporary file.
 func buildImage(t testing.TB, opts Options, layers ...[]tentry) (string, Stats, error) {
 	t.Helper()
+	streams := make([]io.Reader, len(layers))
+	for i, l := range layers {
+		r := tarStream(l)
+		defer r.Close() // stops the generator of a layer not read to its end
+		streams[i] = r
+	}
+	return buildImageFrom(t, opts, streams...)
+}
+
+// buildImageFrom builds an image from layer streams into a new temporary
+// file.
+func buildImageFrom(t testing.TB, opts Options, layers ...io.Reader) (string, Stats, error) {
+	t.Helper()
 	img := filepath.Join(t.TempDir(), "rootfs.img")
 	f, err := os.Create(img)
 	if err != nil {
@@ -103,10 +116,8 @@ func buildImage(t testing.TB, opts Options, layers ...[]tentry) (string, Stats, 
 		return img, Stats{}, err
 	}
 	ctx := context.Background()
-	for _, l := range layers {
-		r := tarStream(l)
-		if err := b.ApplyLayer(ctx, tar.NewReader(r)); err != nil {
-			io.Copy(io.Discard, r) // unblock the generator
+	for _, r := range layers {
+		if err := b.ApplyLayer(ctx, r); err != nil {
 			return img, Stats{}, err
 		}
 	}

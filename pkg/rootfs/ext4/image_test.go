@@ -511,7 +511,7 @@ func TestCanceled(t *testing.T) {
 	cancel()
 	r := tarStream([]tentry{fileE("a", 0o644, []byte("a"))})
 	defer io.Copy(io.Discard, r)
-	if err := b.ApplyLayer(ctx, tar.NewReader(r)); !errors.Is(err, context.Canceled) {
+	if err := b.ApplyLayer(ctx, r); !errors.Is(err, context.Canceled) {
 		t.Fatalf("ApplyLayer with a canceled context: %v", err)
 	}
 	if _, err := b.Finish(context.Background()); !errors.Is(err, context.Canceled) {

@@ -18,10 +18,12 @@ const (
 )
 
 // timestamp is a Unix time in the range ext4 can store with extra fields:
-// 34 bits of seconds starting at 1901-12-13, plus nanoseconds.
+// 34 bits of seconds starting at 1901-12-13, plus nanoseconds. It is kept
+// in its on-disk form, 8 bytes: an inode's 32-bit seconds field and the
+// matching _extra field, which holds two epoch bits that extend the signed
+// 32-bit seconds, and the nanoseconds shifted left by 2.
 type timestamp struct {
-	sec  int64
-	nsec uint32
+	lo, extra uint32
 }
 
 const (
@@ -30,24 +32,22 @@ const (
 )
 
 func toTimestamp(t time.Time) timestamp {
-	sec := t.Unix()
+	sec, nsec := t.Unix(), uint32(t.Nanosecond())
 	if sec < minTime {
-		return timestamp{sec: minTime}
+		sec, nsec = minTime, 0
 	}
 	if sec > maxTime {
-		return timestamp{sec: maxTime, nsec: 999999999}
+		sec, nsec = maxTime, 999999999
 	}
-	return timestamp{sec: sec, nsec: uint32(t.Nanosecond())}
+	epoch := uint32((sec-int64(int32(sec)))>>32) & 3
+	return timestamp{lo: uint32(int32(sec)), extra: nsec<<2 | epoch}
 }
 
-// encode returns an inode's 32-bit seconds field and the matching _extra
-// field. The extra field holds two epoch bits, which extend the signed
-// 32-bit seconds, and the nanoseconds shifted left by 2.
-func (t timestamp) encode() (lo, extra uint32) {
-	lo = uint32(int32(t.sec))
-	epoch := uint32((t.sec-int64(int32(t.sec)))>>32) & 3
-	return lo, t.nsec<<2 | epoch
-}
+// encode returns the seconds field and the _extra field.
+func (t timestamp) encode() (lo, extra uint32) { return t.lo, t.extra }
+
+// seconds is the time in seconds since the Unix epoch.
+func (t timestamp) seconds() int64 { return int64(int32(t.lo)) + int64(t.extra&3)<<32 }
 
 // splitTime splits seconds into the low 32 bits and the 8-bit high part, as
 // superblock times store them. Times before 1970 become 0.
@@ -58,27 +58,42 @@ func splitTime(sec int64) (uint32, uint8) {
 	return uint32(sec), uint8(sec >> 32)
 }
 
-// inode is the in-memory form of a file. Hard links share one *inode.
+// inode is the in-memory form of a file. Hard links share one inode. It
+// holds no pointers and only what most inodes need (64 bytes), because an
+// image may have a million of them; the rest is in an inodeExtra.
 type inode struct {
-	mode                uint16 // type | permission bits, incl. setuid/setgid/sticky
-	uid, gid            uint32
-	atime, mtime, ctime timestamp
 	size                uint64
-	links               uint32 // directory entries naming it (non-directories)
-	devMajor, devMinor  uint32
-	target              string   // symlink target
-	extents             []extent // regular file data, in logical order
-	xattrs              []xattr  // sorted, as stored on disk
+	atime, mtime, ctime timestamp
+	uid, gid            uint32
+	// ext and nExt locate the inode's extents, in logical order: file data
+	// in Writer.exts for regular files, the blocks Finish allocates in
+	// Writer.metaExts for the others.
+	ext, nExt uint32
+	extra     uint32 // index in tree.extras, or 0 for none
+	// Assigned by Finish.
+	num uint32
+	dir uint32 // directories: 1 + index in Writer.dirs
+	// mode is the type and the permission bits, incl. setuid/setgid/sticky.
+	mode uint16
+	// links counts the directory entries naming a non-directory. Finish
+	// sets it to the final i_links_count of every inode.
+	links uint16
+}
+
+// inodeExtra holds the fields few inodes need.
+type inodeExtra struct {
+	target             string  // symlink target
+	devMajor, devMinor uint32  // character and block devices
+	xattrs             []xattr // sorted, as stored on disk
 
 	// Assigned by Finish.
-	num         uint32
-	parentNum   uint32      // inode number of ".." (directories only)
-	nlink       uint32      // final i_links_count
-	dataBlocks  uint64      // data blocks the inode maps (holes excluded)
 	treeBlocks  []uint64    // extent-tree blocks below the in-inode root
 	xblock      *xattrBlock // external xattr block, nil if none
 	ibodyXattrs []xattr     // the part of xattrs stored inside the inode
-	entries     []dirent    // children sorted by name (directories only)
+}
+
+func (x *inodeExtra) empty() bool {
+	return x.target == "" && x.devMajor == 0 && x.devMinor == 0 && len(x.xattrs) == 0
 }
 
 func (in *inode) isDir() bool     { return in.mode&sIFMT == sIFDIR }
@@ -87,8 +102,8 @@ func (in *inode) isSymlink() bool { return in.mode&sIFMT == sIFLNK }
 
 // usesExtents reports whether i_block holds an extent tree. Otherwise it
 // holds a fast symlink's target or a device number, or nothing.
-func (in *inode) usesExtents() bool {
-	return in.isReg() || in.isDir() || in.isSymlink() && len(in.target) > fastSymlinkMax
+func (in *inode) usesExtents(target string) bool {
+	return in.isReg() || in.isDir() || in.isSymlink() && len(target) > fastSymlinkMax
 }
 
 // extent maps length logical blocks starting at logical to physical blocks
@@ -99,9 +114,10 @@ type extent struct {
 	start   uint64
 }
 
-// encodeInode fills dst (inodeSize bytes, zeroed) with the on-disk inode.
-// root is the i_block content prepared by the caller.
-func (c checksummer) encodeInode(dst []byte, in *inode, root []byte) {
+// encodeInode fills dst (inodeSize bytes, zeroed, with i_block already
+// filled in by the caller) with the on-disk inode. dataBlocks is the data
+// blocks the inode maps (holes excluded) and x its extra fields, if any.
+func (c checksummer) encodeInode(dst []byte, in *inode, x *inodeExtra, dataBlocks uint64, target string) {
 	le := binary.LittleEndian
 	atime, atimeX := in.atime.encode()
 	ctime, ctimeX := in.ctime.encode()
@@ -123,29 +139,33 @@ func (c checksummer) encodeInode(dst []byte, in *inode, root []byte) {
 	// time is the change time.
 	le.PutUint32(dst[iCrtime:], ctime)
 	le.PutUint32(dst[iCrtimeExtra:], ctimeX)
-	le.PutUint16(dst[iLinksCount:], uint16(in.nlink))
+	le.PutUint16(dst[iLinksCount:], in.links)
 	// i_blocks counts the 512-byte sectors of everything the inode owns,
 	// extent-tree and xattr blocks included. With huge_file it has 48 bits.
-	owned := in.dataBlocks + uint64(len(in.treeBlocks))
+	owned := dataBlocks
 	var xblk uint64
-	if in.xblock != nil {
-		owned++
-		xblk = in.xblock.blk
+	var ibody []xattr
+	if x != nil {
+		owned += uint64(len(x.treeBlocks))
+		if x.xblock != nil {
+			owned++
+			xblk = x.xblock.blk
+		}
+		ibody = x.ibodyXattrs
 	}
 	sectors := owned * (blockSize / 512)
 	le.PutUint32(dst[iBlocksLo:], uint32(sectors))
 	le.PutUint16(dst[lIBlocksHigh:], uint16(sectors>>32))
-	if in.usesExtents() {
+	if in.usesExtents(target) {
 		le.PutUint32(dst[iFlags:], ext4ExtentsFL)
 	}
-	copy(dst[iBlock:iBlock+iBlockLen], root)
 	le.PutUint32(dst[iFileACLLo:], uint32(xblk))
 	le.PutUint16(dst[lIFileACLHigh:], uint16(xblk>>32))
 	le.PutUint16(dst[iExtraIsize:], extraIsize)
-	if len(in.ibodyXattrs) > 0 {
-		ibody := dst[goodOldInodeSize+extraIsize:]
-		le.PutUint32(ibody[hMagic:], ext4XattrMagic)
-		encodeXattrs(ibody[ibodyHeaderSize:], 0, in.ibodyXattrs)
+	if len(ibody) > 0 {
+		body := dst[goodOldInodeSize+extraIsize:]
+		le.PutUint32(body[hMagic:], ext4XattrMagic)
+		encodeXattrs(body[ibodyHeaderSize:], 0, ibody)
 	}
 	c.setInodeChecksum(dst, in.num)
 }
@@ -165,21 +185,20 @@ func (c checksummer) setInodeChecksum(dst []byte, num uint32) {
 	}
 }
 
-// deviceBlock encodes a device number into i_block the way Linux does. When
-// major and minor both fit in a byte, it uses the old 16-bit form in
-// i_block[0]. Otherwise it uses the 32-bit "new" form in i_block[1].
-func deviceBlock(major, minor uint32) []byte {
+// putDevice encodes a device number into root (i_block) the way Linux
+// does. When major and minor both fit in a byte, it uses the old 16-bit
+// form in i_block[0]. Otherwise it uses the 32-bit "new" form in
+// i_block[1].
+func putDevice(root []byte, major, minor uint32) {
 	const (
 		oldDevWord = 0 // byte offset of i_block[0]
 		newDevWord = 4 // byte offset of i_block[1]
 	)
-	b := make([]byte, iBlockLen)
 	if major < 256 && minor < 256 {
-		binary.LittleEndian.PutUint32(b[oldDevWord:], major<<8|minor)
+		binary.LittleEndian.PutUint32(root[oldDevWord:], major<<8|minor)
 	} else {
-		binary.LittleEndian.PutUint32(b[newDevWord:], minor&0xff|major<<8|(minor&^0xff)<<12)
+		binary.LittleEndian.PutUint32(root[newDevWord:], minor&0xff|major<<8|(minor&^0xff)<<12)
 	}
-	return b
 }
 
 // Extent tree geometry.
@@ -243,17 +262,23 @@ func putExtentNode(dst []byte, es []extentEntry, max, depth int) {
 	}
 }
 
-// extentTree encodes the extent tree for exts and returns its root, the
-// i_block content. The blocks in tree (treeBlockCount(len(exts)) of them)
-// receive the lower levels, leaves first. Each block is passed to emit;
-// with emit == nil only the root is computed. seed is the owning inode's
-// checksum seed.
-func (c checksummer) extentTree(exts []extent, tree []uint64, seed uint32, emit func(blk uint64, b []byte) error) ([]byte, error) {
-	entries := make([]extentEntry, len(exts))
-	for i, e := range exts {
-		entries[i] = extentEntry{logical: e.logical, length: e.length, target: e.start}
+// extentTree encodes the extent tree for exts and writes its root, the
+// i_block content, to root (iBlockLen bytes, zeroed). The blocks in tree
+// (treeBlockCount(len(exts)) of them) receive the lower levels, leaves
+// first. Each block is passed to emit; with emit == nil only the root is
+// computed. seed is the owning inode's checksum seed.
+func (c checksummer) extentTree(root []byte, exts []extent, tree []uint64, seed uint32, emit func(blk uint64, b []byte) error) error {
+	// Most inodes have a handful of extents, which fit in the root.
+	var small [rootEntries]extentEntry
+	entries := small[:0]
+	if len(exts) > rootEntries {
+		entries = make([]extentEntry, 0, len(exts))
+	}
+	for _, e := range exts {
+		entries = append(entries, extentEntry{logical: e.logical, length: e.length, target: e.start})
 	}
 	depth := 0
+	var b []byte
 	for len(entries) > rootEntries {
 		var parents []extentEntry
 		for i := 0; i < len(entries); i += nodeEntries {
@@ -261,12 +286,16 @@ func (c checksummer) extentTree(exts []extent, tree []uint64, seed uint32, emit 
 			blk := tree[0]
 			tree = tree[1:]
 			if emit != nil {
-				b := make([]byte, blockSize)
+				if b == nil {
+					b = make([]byte, blockSize)
+				} else {
+					clear(b)
+				}
 				putExtentNode(b, chunk, nodeEntries, depth)
 				tail := extentHeaderSize + nodeEntries*extentEntrySize
 				binary.LittleEndian.PutUint32(b[tail:], c.sum(seed, b[:tail])) // et_checksum
 				if err := emit(blk, b); err != nil {
-					return nil, err
+					return err
 				}
 			}
 			// An index entry starts at its child's first logical block.
@@ -276,7 +305,6 @@ func (c checksummer) extentTree(exts []extent, tree []uint64, seed uint32, emit 
 		entries = parents
 		depth++
 	}
-	root := make([]byte, iBlockLen)
 	putExtentNode(root, entries, rootEntries, depth)
-	return root, nil
+	return nil
 }

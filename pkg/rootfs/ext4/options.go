@@ -40,12 +40,18 @@ type Options struct {
 	// layers create only implicitly. Zero means time.Now().
 	Time time.Time
 
-	// MaxTotalBytes caps the sum of regular file sizes over all layers
-	// (including files later deleted), in bytes. 0 means DefaultMaxTotalBytes.
+	// MaxTotalBytes caps, in bytes, both the uncompressed layer streams
+	// read over all layers (every byte: headers, padding, bodies of
+	// whiteouts and skipped entries, data after the tar end) and the sum
+	// of regular file sizes over all layers (including files later
+	// deleted, and sparse files at their full size). 0 means
+	// DefaultMaxTotalBytes.
 	MaxTotalBytes int64
 	// MaxFileSize caps a single regular file's size. 0 means DefaultMaxFileSize.
 	MaxFileSize int64
-	// MaxFiles caps the number of tar entries over all layers. 0 means
+	// MaxFiles caps the number of tar entries over all layers, plus the
+	// directories they imply without an entry of their own (each costs
+	// memory until Finish, and one deep path implies thousands). 0 means
 	// DefaultMaxFiles.
 	MaxFiles int64
 }
@@ -72,10 +78,11 @@ func (o Options) withDefaults() (Options, error) {
 		return o, fmt.Errorf("ext4: negative limit")
 	case len(o.Label) > 16:
 		return o, fmt.Errorf("ext4: label %q longer than 16 bytes", o.Label)
-	case o.Headroom > maxSize || o.MinSize > maxSize || o.MaxTotalBytes > maxSize || o.MaxFiles > 1<<32:
+	case o.Headroom > maxSize || o.MinSize > maxSize || o.MaxTotalBytes > maxSize || o.MaxFiles > 1<<31:
 		// Keeps the descriptor table reserved for these limits well inside
-		// group 0 and all block arithmetic far from overflow.
-		return o, fmt.Errorf("ext4: sizes above 16 TiB or more than 2^32 files are not supported")
+		// group 0, all block arithmetic far from overflow, and the tree's
+		// nodes and inodes within their 32-bit indexes.
+		return o, fmt.Errorf("ext4: sizes above 16 TiB or more than 2^31 files are not supported")
 	}
 	return o, nil
 }
@@ -137,6 +144,7 @@ type Stats struct {
 	Specials      int64 // character and block devices, FIFOs
 	HardLinks     int64 // directory entries beyond the first for an inode
 	DataBytes     int64 // sum of regular file sizes in the image
+	LayerBytes    int64 // uncompressed layer bytes read over all layers
 	Inodes        int64 // inodes in use, including reserved ones
 	FreeInodes    int64
 	ImageBytes    int64 // size of the filesystem (and of the file)

@@ -24,10 +24,15 @@ func (c checksummer) sum(seed uint32, p []byte) uint32 {
 	return ^crc32.Update(^seed, c.tab, p)
 }
 
+// sumU32 is sum over v's four little-endian bytes, computed inline: it
+// runs a few times per inode, and a slice for crc32 would be garbage.
 func (c checksummer) sumU32(seed, v uint32) uint32 {
-	var b [4]byte
-	binary.LittleEndian.PutUint32(b[:], v)
-	return c.sum(seed, b[:])
+	crc := seed
+	for range 4 {
+		crc = c.tab[byte(crc)^byte(v)] ^ crc>>8
+		v >>= 8
+	}
+	return crc
 }
 
 // inodeSeed is the starting value for the checksums of what one inode owns:

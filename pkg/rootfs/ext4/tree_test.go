@@ -2,10 +2,12 @@ package ext4
 
 import (
 	"archive/tar"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
@@ -56,7 +58,7 @@ func applyLayers(t *testing.T, layers ...[]tentry) (*Writer, error) {
 	}
 	for _, l := range layers {
 		r := tarStream(l)
-		if err := b.ApplyLayer(context.Background(), tar.NewReader(r)); err != nil {
+		if err := b.ApplyLayer(context.Background(), r); err != nil {
 			io.Copy(io.Discard, r)
 			return b, err
 		}
@@ -68,11 +70,15 @@ func applyLayers(t *testing.T, layers ...[]tentry) (*Writer, error) {
 // files show their size and link count, symlinks their target.
 func listTree(b *Writer) []string {
 	var out []string
-	var walk func(n *node, path string)
-	walk = func(n *node, path string) {
-		for name, c := range n.children {
-			p := path + name
-			in := c.inode
+	t := b.tree
+	var walk func(n nodeID, path string)
+	walk = func(n nodeID, path string) {
+		for c := t.node(n).first; c != 0; c = t.node(c).next {
+			p := path + string(t.name(t.node(c)))
+			if t.child(n, string(t.name(t.node(c)))) != c {
+				p += " (not indexed)"
+			}
+			in := t.inodeOf(c)
 			switch in.mode & sIFMT {
 			case sIFDIR:
 				out = append(out, p+"/")
@@ -80,13 +86,16 @@ func listTree(b *Writer) []string {
 			case sIFREG:
 				out = append(out, fmt.Sprintf("%s size=%d links=%d", p, in.size, in.links))
 			case sIFLNK:
-				out = append(out, p+" -> "+in.target)
+				out = append(out, p+" -> "+t.target(in))
 			default:
 				out = append(out, p+" special")
 			}
 		}
 	}
-	walk(b.tree.root, "")
+	walk(t.root, "")
+	if n := len(out); t.index.count != n {
+		out = append(out, fmt.Sprintf("index holds %d names, the tree %d", t.index.count, n))
+	}
 	slices.Sort(out)
 	return out
 }
@@ -316,8 +325,8 @@ func TestLimits(t *testing.T) {
 		limit:  LimitFileSize,
 	}, {
 		name:   "total bytes over layers",
-		opts:   Options{MaxTotalBytes: 10000},
-		layers: [][]tentry{{fileE("a", 0o644, make([]byte, 6000))}, {fileE("a", 0o644, make([]byte, 6000))}},
+		opts:   Options{MaxTotalBytes: 20000},
+		layers: [][]tentry{{fileE("a", 0o644, make([]byte, 12000))}, {fileE("a", 0o644, make([]byte, 12000))}},
 		limit:  LimitTotalBytes,
 	}, {
 		name:   "file count",
@@ -334,6 +343,182 @@ func TestLimits(t *testing.T) {
 			asEntryError(t, err)
 		})
 	}
+}
+
+// zeros is an endless stream of zero bytes.
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) { clear(p); return len(p), nil }
+
+func zeroBody(n int64) func() io.Reader {
+	return func() io.Reader { return io.LimitReader(zeros{}, n) }
+}
+
+// TestLayerBytesCount checks that every byte of a layer stream counts
+// toward MaxTotalBytes, also the bytes that never become file content.
+// The 1 GiB bodies are generated as they are read.
+func TestLayerBytesCount(t *testing.T) {
+	const (
+		limit = 8 << 20
+		huge  = 1 << 30
+	)
+	odd := tentry{hdr: tar.Header{Name: "odd", Typeflag: 'Z', Size: huge, ModTime: testTime()}, data: zeroBody(huge)}
+	for _, tc := range []struct {
+		name   string
+		layers []func() io.Reader
+	}{{
+		name:   "1 GiB whiteout body",
+		layers: []func() io.Reader{layerOf(fileE("a", 0o644, []byte("a")), genFileE(".wh.b", huge, zeroBody(huge)))},
+	}, {
+		name: "1 GiB after the tar end",
+		layers: []func() io.Reader{func() io.Reader {
+			return io.MultiReader(tarStream([]tentry{fileE("a", 0o644, []byte("a"))}), io.LimitReader(zeros{}, huge))
+		}},
+	}, {
+		name:   "1 GiB AUFS bookkeeping entry",
+		layers: []func() io.Reader{layerOf(genFileE(".wh..wh.plnk/1.2", huge, zeroBody(huge)))},
+	}, {
+		name:   "1 GiB entry of a type an image cannot hold",
+		layers: []func() io.Reader{layerOf(odd)},
+	}, {
+		name: "whiteout bodies over two layers",
+		layers: []func() io.Reader{
+			layerOf(genFileE(".wh.a", limit*3/4, zeroBody(limit*3/4))),
+			layerOf(genFileE(".wh.b", limit*3/4, zeroBody(limit*3/4))),
+		},
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			f, err := os.Create(filepath.Join(t.TempDir(), "img"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			w, err := NewWriter(f, Options{MaxTotalBytes: limit})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, l := range tc.layers {
+				r := l()
+				err = w.ApplyLayer(context.Background(), r)
+				if c, ok := r.(io.Closer); ok {
+					c.Close() // stops the generator
+				}
+				if err != nil {
+					break
+				}
+			}
+			var le *LimitError
+			if !errors.As(err, &le) || le.Limit != LimitTotalBytes || le.Max != limit {
+				t.Fatalf("got %v, want a *LimitError for %s", err, LimitTotalBytes)
+			}
+			if w.readBytes > limit+1 {
+				t.Errorf("read %d bytes past the limit", w.readBytes-limit)
+			}
+		})
+	}
+}
+
+// TestLayerBytesLimitIsExact checks the boundary: a layer stream of
+// exactly MaxTotalBytes bytes applies, one byte more does not.
+func TestLayerBytesLimitIsExact(t *testing.T) {
+	stream, err := io.ReadAll(tarStream([]tentry{fileE("a", 0o644, []byte("abc")), dirE("d", 0o755)}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, limit := range []int64{int64(len(stream)), int64(len(stream)) - 1} {
+		_, st, err := buildImageFrom(t, Options{MaxTotalBytes: limit}, bytes.NewReader(stream))
+		if ok := limit >= int64(len(stream)); ok != (err == nil) {
+			t.Fatalf("%d-byte stream under MaxTotalBytes %d: %v", len(stream), limit, err)
+		}
+		if err == nil && st.LayerBytes != int64(len(stream)) {
+			t.Errorf("Stats.LayerBytes = %d, want %d", st.LayerBytes, len(stream))
+		}
+	}
+}
+
+// TestChildIndex checks the tree's name index against a map through many
+// random adds and removes, which exercise its growth and the back shifts
+// of deletion.
+func TestChildIndex(t *testing.T) {
+	tr := newTree(timestamp{}, nil)
+	type key struct {
+		dir  nodeID
+		name string
+	}
+	model := map[key]nodeID{}
+	dirs := []nodeID{tr.root}
+	for i := range 8 {
+		in := tr.newInode(tr.implicitDir(), nil)
+		id, err := tr.add(tr.root, fmt.Sprintf("dir%d", i), in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		model[key{tr.root, fmt.Sprintf("dir%d", i)}] = id
+		dirs = append(dirs, id)
+	}
+	rng := rand.New(rand.NewPCG(5, 6))
+	const ops = 60000
+	for i := range ops {
+		k := key{dirs[1+rng.IntN(len(dirs)-1)], fmt.Sprintf("f%d", rng.IntN(3000))}
+		if id, ok := model[k]; ok && rng.IntN(3) > 0 {
+			tr.remove(id)
+			delete(model, k)
+		} else if !ok {
+			id, err := tr.add(k.dir, k.name, tr.newInode(inode{mode: sIFREG | 0o644}, nil))
+			if err != nil {
+				t.Fatal(err)
+			}
+			model[k] = id
+		}
+		if i%2000 == 0 || i == ops-1 {
+			for k, id := range model {
+				if got := tr.child(k.dir, k.name); got != id {
+					t.Fatalf("op %d: %s in %d is %d, want %d", i, k.name, k.dir, got, id)
+				}
+			}
+			if tr.index.count != len(model) {
+				t.Fatalf("op %d: index holds %d names, want %d", i, tr.index.count, len(model))
+			}
+		}
+	}
+	for _, d := range dirs[1:] {
+		n := 0
+		for c := tr.node(d).first; c != 0; c = tr.node(c).next {
+			if model[key{d, string(tr.name(tr.node(c)))}] != c {
+				t.Fatalf("directory %d lists %q, which is gone", d, tr.name(tr.node(c)))
+			}
+			n++
+		}
+		want := 0
+		for k := range model {
+			if k.dir == d {
+				want++
+			}
+		}
+		if n != want {
+			t.Fatalf("directory %d lists %d children, want %d", d, n, want)
+		}
+	}
+}
+
+// TestImplicitDirsCount checks that directories an entry implies count
+// toward MaxFiles: each costs memory like an entry, and one entry may
+// imply thousands.
+func TestImplicitDirsCount(t *testing.T) {
+	deep := strings.Repeat("d/", 50) + "f"
+	_, _, err := buildImage(t, Options{MaxFiles: 20}, []tentry{fileE(deep, 0o644, nil)})
+	var le *LimitError
+	if !errors.As(err, &le) || le.Limit != LimitFiles {
+		t.Fatalf("got %v, want a *LimitError for %s", err, LimitFiles)
+	}
+	if _, _, err := buildImage(t, Options{MaxFiles: 51}, []tentry{fileE(deep, 0o644, nil)}); err != nil {
+		t.Fatalf("50 implied directories and one entry under MaxFiles 51: %v", err)
+	}
+}
+
+// layerOf returns a generator of the tar stream of entries.
+func layerOf(entries ...tentry) func() io.Reader {
+	return func() io.Reader { return tarStream(entries) }
 }
 
 func manyFiles(dir string, n int) []tentry {

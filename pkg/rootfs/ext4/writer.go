@@ -39,10 +39,22 @@ type Writer struct {
 	alloc cursor // next free block for file data
 	used  bitmap // blocks holding live data (freed ones cleared)
 	freed []extent
-	bw    blockWriter
-	rbuf  []byte
+	// exts holds the extents of all regular files, each file's in one run
+	// (files are streamed one at a time). metaExts holds those Finish
+	// allocates, for directories, long symlinks and the journal.
+	exts, metaExts []extent
+	// dirs and ents are built by Finish: what each directory needs to be
+	// written, and every directory's children in name order, one run per
+	// directory.
+	dirs   []dirInfo
+	ents   []nodeID
+	dirBuf []byte   // the directory block being encoded
+	comps  []string // the path of the entry being applied
+	bw     blockWriter
+	rbuf   []byte
 
-	totalBytes int64 // regular file bytes read so far, for MaxTotalBytes
+	totalBytes int64 // regular file sizes so far, for MaxTotalBytes
+	readBytes  int64 // layer stream bytes read so far, for MaxTotalBytes
 	stats      Stats
 	err        error // sticky
 	finished   bool
@@ -97,15 +109,22 @@ func NewWriter(out *os.File, opts Options) (*Writer, error) {
 	return w, nil
 }
 
-// ApplyLayer merges one layer, given as an uncompressed tar stream, into the
-// image. Regular file contents are written to the image as they are read.
-// ctx is checked between entries and between chunks of large files.
-func (w *Writer) ApplyLayer(ctx context.Context, tr *tar.Reader) error {
+// ApplyLayer merges one layer, given as its uncompressed tar stream, into
+// the image. Regular file contents are written to the image as they are
+// read. r is read to its end, and every byte of it counts toward
+// MaxTotalBytes over all layers: headers, padding, the bodies of entries
+// that leave nothing in the image (whiteouts, skipped entries) and
+// whatever follows the end-of-archive marker. ctx is checked between
+// entries and between chunks of large bodies.
+func (w *Writer) ApplyLayer(ctx context.Context, r io.Reader) error {
 	if err := w.usable(); err != nil {
 		return err
 	}
 	w.layer++
-	w.tree.layer = w.layer
+	w.tree.layer = int32(w.layer)
+	m := &meter{r: r, w: w}
+	tr := tar.NewReader(m)
+	prev := ""
 	for {
 		if err := ctx.Err(); err != nil {
 			return w.fail(err)
@@ -115,13 +134,55 @@ func (w *Writer) ApplyLayer(ctx context.Context, tr *tar.Reader) error {
 			break
 		}
 		if err != nil {
+			// Next also skips what the previous entry left unread, so
+			// name it: a limit is most likely crossed in its body.
+			if prev != "" {
+				return w.fail(fmt.Errorf("ext4: layer %d: reading tar after %q: %w", w.layer, prev, err))
+			}
 			return w.fail(fmt.Errorf("ext4: layer %d: reading tar: %w", w.layer, err))
 		}
 		if err := w.applyEntry(ctx, hdr, tr); err != nil {
 			return w.fail(&EntryError{Layer: w.layer, Path: hdr.Name, Err: err})
 		}
+		prev = hdr.Name
+	}
+	// The end-of-archive marker need not end the stream (tar pads to its
+	// record size, and anything may follow). Read and count the rest.
+	for {
+		if err := ctx.Err(); err != nil {
+			return w.fail(err)
+		}
+		_, err := m.Read(w.rbuf)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return w.fail(fmt.Errorf("ext4: layer %d: after the tar end: %w", w.layer, err))
+		}
 	}
 	return w.fail(w.releaseFreed())
+}
+
+// meter counts the bytes read from a layer stream toward MaxTotalBytes,
+// for all layers together.
+type meter struct {
+	r io.Reader
+	w *Writer
+}
+
+func (m *meter) Read(p []byte) (int, error) {
+	limit := m.w.opts.MaxTotalBytes
+	// Read at most one byte past the limit: enough to tell a stream that
+	// ends right at it from one that goes on.
+	if left := limit - m.w.readBytes; int64(len(p)) > left+1 {
+		p = p[:max(left+1, 0)]
+	}
+	n, err := m.r.Read(p)
+	m.w.readBytes += int64(n)
+	if m.w.readBytes > limit {
+		return 0, &LimitError{Limit: LimitTotalBytes, Max: limit}
+	}
+	return n, err
 }
 
 func (w *Writer) usable() error {
@@ -146,16 +207,17 @@ func (w *Writer) fail(err error) error {
 // path.
 func (w *Writer) applyEntry(ctx context.Context, hdr *tar.Header, r io.Reader) error {
 	w.stats.Entries++
-	if w.stats.Entries > w.opts.MaxFiles {
-		return &LimitError{Limit: LimitFiles, Max: w.opts.MaxFiles}
+	if err := w.checkFiles(); err != nil {
+		return err
 	}
 	if hdr.Typeflag == tar.TypeXGlobalHeader {
 		return nil // PAX defaults, which archive/tar already applies
 	}
-	comps, err := splitPath(hdr.Name)
+	comps, err := appendPath(w.comps[:0], hdr.Name)
 	if err != nil {
 		return err
 	}
+	w.comps = comps
 	if slices.ContainsFunc(comps, isAUFSMeta) {
 		return nil // AUFS bookkeeping such as the hard link pool, not image content
 	}
@@ -164,6 +226,10 @@ func (w *Writer) applyEntry(ctx context.Context, hdr *tar.Header, r io.Reader) e
 	}
 	parent, err := w.tree.walkDir(comps[:len(comps)-1], true)
 	if err != nil {
+		return err
+	}
+	// walkDir may have made directories the entry implies.
+	if err := w.checkFiles(); err != nil {
 		return err
 	}
 	name := comps[len(comps)-1]
@@ -187,6 +253,15 @@ func (w *Writer) applyEntry(ctx context.Context, hdr *tar.Header, r io.Reader) e
 	return nil
 }
 
+// checkFiles enforces MaxFiles on the entries read so far plus the
+// directories they implied, which cost memory like entries do.
+func (w *Writer) checkFiles() error {
+	if w.stats.Entries+w.tree.implicit > w.opts.MaxFiles {
+		return &LimitError{Limit: LimitFiles, Max: w.opts.MaxFiles}
+	}
+	return nil
+}
+
 // isAUFSMeta reports whether a path component is AUFS bookkeeping
 // (.wh..wh.plnk and the like), which OCI says to ignore. The opaque
 // whiteout shares the prefix but is not bookkeeping.
@@ -201,18 +276,18 @@ func (w *Writer) replaceRoot(hdr *tar.Header) error {
 	if hdr.Typeflag != tar.TypeDir {
 		return errors.New("the root can only be replaced by a directory")
 	}
-	in, err := w.newInode(hdr, sIFDIR)
+	in, x, err := w.newInode(hdr, sIFDIR)
 	if err != nil {
 		return err
 	}
-	w.tree.merge(w.tree.root, in)
+	w.tree.merge(w.tree.root, &in, x.xattrs)
 	return nil
 }
 
 // applyWhiteout applies a whiteout entry named name in parent. The opaque
 // whiteout hides everything lower layers put in parent. Any other
 // whiteout hides the one name that follows the prefix.
-func (w *Writer) applyWhiteout(parent *node, name string) {
+func (w *Writer) applyWhiteout(parent nodeID, name string) {
 	if name == whiteoutOpaque {
 		w.tree.opaque(parent)
 	} else {
@@ -222,7 +297,7 @@ func (w *Writer) applyWhiteout(parent *node, name string) {
 
 // addFile places a regular file and streams its content into the image.
 // The size limits are checked before anything is read.
-func (w *Writer) addFile(ctx context.Context, parent *node, name string, hdr *tar.Header, r io.Reader) error {
+func (w *Writer) addFile(ctx context.Context, parent nodeID, name string, hdr *tar.Header, r io.Reader) error {
 	if hdr.Size > w.opts.MaxFileSize {
 		return &LimitError{Limit: LimitFileSize, Max: w.opts.MaxFileSize}
 	}
@@ -232,61 +307,65 @@ func (w *Writer) addFile(ctx context.Context, parent *node, name string, hdr *ta
 	if w.totalBytes += hdr.Size; w.totalBytes > w.opts.MaxTotalBytes {
 		return &LimitError{Limit: LimitTotalBytes, Max: w.opts.MaxTotalBytes}
 	}
-	in, err := w.newInode(hdr, sIFREG)
+	in, x, err := w.newInode(hdr, sIFREG)
 	if err != nil {
 		return err
 	}
-	if err := w.tree.put(parent, name, in); err != nil {
+	p, err := w.tree.put(parent, name, in, &x)
+	if err != nil {
 		return err
 	}
-	return w.writeData(ctx, r, hdr.Size, in)
+	return w.writeData(ctx, r, hdr.Size, p)
 }
 
-func (w *Writer) addDir(parent *node, name string, hdr *tar.Header) error {
-	in, err := w.newInode(hdr, sIFDIR)
+func (w *Writer) addDir(parent nodeID, name string, hdr *tar.Header) error {
+	in, x, err := w.newInode(hdr, sIFDIR)
 	if err != nil {
 		return err
 	}
-	return w.tree.put(parent, name, in)
+	_, err = w.tree.put(parent, name, in, &x)
+	return err
 }
 
 // addSymlink places a symlink. Finish stores its target in the inode, or in
 // a block of its own when it is longer than fastSymlinkMax.
-func (w *Writer) addSymlink(parent *node, name string, hdr *tar.Header) error {
+func (w *Writer) addSymlink(parent nodeID, name string, hdr *tar.Header) error {
 	if hdr.Linkname == "" || len(hdr.Linkname) > maxSymlinkLen {
 		return fmt.Errorf("symlink target of %d bytes (must be 1..%d)", len(hdr.Linkname), maxSymlinkLen)
 	}
-	in, err := w.newInode(hdr, sIFLNK)
+	in, x, err := w.newInode(hdr, sIFLNK)
 	if err != nil {
 		return err
 	}
 	// Linux cannot set a symlink's mode, so extracting always yields 0777.
 	in.mode = sIFLNK | 0o777
-	in.target = hdr.Linkname
+	// A copy: the tar reader's string may share a PAX block of up to 1 MiB.
+	x.target = strings.Clone(hdr.Linkname)
 	in.size = uint64(len(hdr.Linkname))
-	return w.tree.put(parent, name, in)
+	_, err = w.tree.put(parent, name, in, &x)
+	return err
 }
 
 // addHardLink makes parent/name another name for an existing file. The
 // target is looked up in the tree as merged so far, and it must not be a
 // directory.
-func (w *Writer) addHardLink(parent *node, name string, hdr *tar.Header) error {
+func (w *Writer) addHardLink(parent nodeID, name string, hdr *tar.Header) error {
 	targetComps, err := splitPath(hdr.Linkname)
 	if err != nil {
 		return fmt.Errorf("hard link target %q: %w", hdr.Linkname, err)
 	}
 	target := w.tree.lookup(targetComps)
 	switch {
-	case target == nil:
+	case target == 0:
 		return fmt.Errorf("hard link target %q does not exist", hdr.Linkname)
-	case target.inode.isDir():
+	case w.tree.inodeOf(target).isDir():
 		return fmt.Errorf("hard link target %q is a directory", hdr.Linkname)
 	}
 	return w.tree.link(parent, name, target)
 }
 
 // addSpecial places a character device, block device or FIFO.
-func (w *Writer) addSpecial(parent *node, name string, hdr *tar.Header) error {
+func (w *Writer) addSpecial(parent nodeID, name string, hdr *tar.Header) error {
 	kind := uint16(sIFIFO)
 	switch hdr.Typeflag {
 	case tar.TypeChar:
@@ -294,7 +373,7 @@ func (w *Writer) addSpecial(parent *node, name string, hdr *tar.Header) error {
 	case tar.TypeBlock:
 		kind = sIFBLK
 	}
-	in, err := w.newInode(hdr, kind)
+	in, x, err := w.newInode(hdr, kind)
 	if err != nil {
 		return err
 	}
@@ -302,18 +381,20 @@ func (w *Writer) addSpecial(parent *node, name string, hdr *tar.Header) error {
 		if hdr.Devmajor < 0 || hdr.Devmajor > 0xfff || hdr.Devminor < 0 || hdr.Devminor > 0xfffff {
 			return fmt.Errorf("device number %d:%d out of range", hdr.Devmajor, hdr.Devminor)
 		}
-		in.devMajor, in.devMinor = uint32(hdr.Devmajor), uint32(hdr.Devminor)
+		x.devMajor, x.devMinor = uint32(hdr.Devmajor), uint32(hdr.Devminor)
 	}
-	return w.tree.put(parent, name, in)
+	_, err = w.tree.put(parent, name, in, &x)
+	return err
 }
 
-// newInode builds an inode carrying the entry's metadata.
-func (w *Writer) newInode(hdr *tar.Header, kind uint16) (*inode, error) {
+// newInode builds an inode carrying the entry's metadata, and its extra
+// fields (the xattrs, so far).
+func (w *Writer) newInode(hdr *tar.Header, kind uint16) (inode, inodeExtra, error) {
 	if hdr.Uid < 0 || int64(hdr.Uid) > math.MaxUint32 || hdr.Gid < 0 || int64(hdr.Gid) > math.MaxUint32 {
-		return nil, fmt.Errorf("uid/gid %d/%d out of range", hdr.Uid, hdr.Gid)
+		return inode{}, inodeExtra{}, fmt.Errorf("uid/gid %d/%d out of range", hdr.Uid, hdr.Gid)
 	}
 	mtime := toTimestamp(hdr.ModTime)
-	in := &inode{
+	in := inode{
 		mode:  kind | uint16(hdr.Mode&0o7777),
 		uid:   uint32(hdr.Uid),
 		gid:   uint32(hdr.Gid),
@@ -329,14 +410,13 @@ func (w *Writer) newInode(hdr *tar.Header, kind uint16) (*inode, error) {
 	}
 	xs, skipped, err := tarXattrs(hdr)
 	if err != nil {
-		return nil, err
+		return inode{}, inodeExtra{}, err
 	}
 	if _, block := splitXattrs(xs); blockXattrSize(block)+xattrListEnd > blockSize-xattrHeaderSize {
-		return nil, errors.New("extended attributes do not fit in the inode plus one block")
+		return inode{}, inodeExtra{}, errors.New("extended attributes do not fit in the inode plus one block")
 	}
 	w.stats.SkippedXattrs += int64(skipped)
-	in.xattrs = xs
-	return in, nil
+	return in, inodeExtra{xattrs: xs}, nil
 }
 
 func blockXattrSize(xs []xattr) int {
@@ -384,25 +464,30 @@ func (w *Writer) writeData(ctx context.Context, r io.Reader, size int64, in *ino
 }
 
 // place writes data, a whole number of blocks, as the file's blocks from
-// logical block logical on.
+// logical block logical on. The file's extents are the last ones in
+// w.exts.
 func (w *Writer) place(in *inode, logical uint64, data []byte) error {
+	if in.nExt == 0 {
+		in.ext = uint32(len(w.exts))
+	}
 	for len(data) > 0 {
 		start, n := w.alloc.take(uint64(len(data) / blockSize))
 		w.used.setRange(start, n, true)
 		if err := w.bw.write(start, data[:n*blockSize]); err != nil {
 			return err
 		}
-		in.extents = appendExtent(in.extents, logical, start, n)
+		w.exts = appendExtent(w.exts, int(in.ext), logical, start, n)
 		logical += n
 		data = data[n*blockSize:]
 	}
+	in.nExt = uint32(len(w.exts)) - in.ext
 	return nil
 }
 
-// appendExtent adds a mapping, extending the last extent when both logical
-// and physical blocks continue it.
-func appendExtent(exts []extent, logical, start, n uint64) []extent {
-	if k := len(exts); k > 0 {
+// appendExtent adds a mapping to the extents from first on, extending the
+// last of them when both logical and physical blocks continue it.
+func appendExtent(exts []extent, first int, logical, start, n uint64) []extent {
+	if k := len(exts); k > first {
 		last := &exts[k-1]
 		if uint64(last.logical)+uint64(last.length) == logical &&
 			last.start+uint64(last.length) == start && uint64(last.length) < maxExtentLen {
@@ -419,15 +504,33 @@ func appendExtent(exts []extent, logical, start, n uint64) []extent {
 	return exts
 }
 
+// extents returns in's extents.
+func (w *Writer) extents(in *inode) []extent {
+	// The journal is the one regular file whose blocks Finish allocates.
+	if in.isReg() && in.num != journalIno {
+		return w.exts[in.ext : in.ext+in.nExt]
+	}
+	return w.metaExts[in.ext : in.ext+in.nExt]
+}
+
+// dataBlocks counts the data blocks in maps (holes excluded).
+func (w *Writer) dataBlocks(in *inode) uint64 {
+	var n uint64
+	for _, e := range w.extents(in) {
+		n += uint64(e.length)
+	}
+	return n
+}
+
 // freeData releases a deleted file's blocks. They are never reused, because
 // allocation only moves forward, but they are punched out of the image at
 // the end of the layer.
 func (w *Writer) freeData(in *inode) {
-	for _, e := range in.extents {
+	for _, e := range w.extents(in) {
 		w.used.setRange(e.start, uint64(e.length), false)
 		w.freed = append(w.freed, e)
 	}
-	in.extents = nil
+	in.nExt = 0
 }
 
 // releaseFreed punches the blocks freed during the layer out of the image

@@ -107,6 +107,9 @@ func toDiskXattr(name string, value []byte) (x xattr, ok bool, err error) {
 	if len(x.name) > 255 {
 		return x, false, errors.New("name longer than 255 bytes")
 	}
+	// A copy: the name shares the tar reader's PAX block (up to 1 MiB),
+	// which the inode would keep alive until Finish.
+	x.name = strings.Clone(x.name)
 	x.value = value
 	if x.index == ext4XattrIndexPosixACLAccess || x.index == ext4XattrIndexPosixACLDefault {
 		v, err := aclToDisk(value)
