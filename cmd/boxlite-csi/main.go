@@ -89,6 +89,8 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 		"let inline volumes name local image sources (oci:, oci-archive:, docker-archive:) below this directory, with no link followed; empty (the default) refuses them, since any pod author writes inline attributes. StorageClasses may name local sources anywhere")
 	fs.BoolVar(&c.AllowInlineInsecure, "allow-inline-insecure-registries", false,
 		"let inline volumes set plainHTTP and insecureSkipTLSVerify; off by default, since any pod author writes inline attributes. StorageClasses may set them")
+	fs.BoolVar(&c.InlineNodeCredentials, "inline-node-credentials", false,
+		"let inline volumes pull with the node's docker config; off by default, so an inline volume pulls private images only with the pull secret its pod names (nodePublishSecretRef)")
 	fs.StringVar(&c.MetricsAddress, "metrics-address", "",
 		"serve Prometheus metrics at http://<address>/metrics, e.g. 127.0.0.1:9859 or :9859; empty (the default) serves none")
 	fs.BoolVar(&o.showVersion, "version", false, "print the version and exit")

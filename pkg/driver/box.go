@@ -59,10 +59,10 @@ func (r *volumeRecord) sameVolume(name string, params map[string]string, capacit
 
 // newRecord resolves the image the parameters name and returns the
 // record of a new volume for it. The caller fills in name and capacity.
-func (d *Driver) newRecord(ctx context.Context, id string, p volumeParams, params, secrets map[string]string) (*volumeRecord, error) {
+func (d *Driver) newRecord(ctx context.Context, id string, p volumeParams, params, secrets map[string]string, inline bool) (*volumeRecord, error) {
 	rctx, cancel := context.WithTimeout(ctx, resolveTimeout)
 	defer cancel()
-	img, err := d.resolve(rctx, p, secrets)
+	img, err := d.resolve(rctx, p, secrets, inline)
 	if err != nil {
 		return nil, err
 	}
@@ -198,7 +198,7 @@ func (d *Driver) ensureEphemeralBox(ctx context.Context, box layout.Box, attrs, 
 	case !errors.Is(err, fs.ErrNotExist):
 		return nil, recordStatus(box, err)
 	}
-	if r, err = d.newRecord(ctx, box.ID(), params, attrs, secrets); err != nil {
+	if r, err = d.newRecord(ctx, box.ID(), params, attrs, secrets, true); err != nil {
 		return nil, fmt.Errorf("inline volume %s: %w", box.ID(), err)
 	}
 	r.Ephemeral = true

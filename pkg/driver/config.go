@@ -65,6 +65,11 @@ type Config struct {
 	// AllowInlineInsecure lets inline ephemeral volumes set plainHTTP and
 	// insecureSkipTLSVerify. Off by default, for the same reason.
 	AllowInlineInsecure bool
+	// InlineNodeCredentials lets inline ephemeral volumes pull with the
+	// node's docker config. Off by default: an inline volume brings its own
+	// pull secret (nodePublishSecretRef), so that one pod author cannot
+	// use the node's access to another tenant's private images.
+	InlineNodeCredentials bool
 
 	// MetricsAddress, when set, serves Prometheus metrics at
 	// http://<MetricsAddress>/metrics.

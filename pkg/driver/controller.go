@@ -56,7 +56,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	if err := d.checkFreeSpace(capacity); err != nil {
 		return nil, err
 	}
-	m, err := d.newRecord(ctx, id, params, req.GetParameters(), req.GetSecrets())
+	m, err := d.newRecord(ctx, id, params, req.GetParameters(), req.GetSecrets(), false)
 	if err != nil {
 		return nil, toStatus(fmt.Errorf("CreateVolume %q: %w", name, err), atController)
 	}

@@ -25,16 +25,22 @@ const dockerConfigSecretKey = ".dockerconfigjson"
 // resolve pins the image to a digest. Credentials come from the call's
 // secrets (a dockerconfigjson payload) first, then from the node's docker
 // config.
-func (d *Driver) resolve(ctx context.Context, p volumeParams, secrets map[string]string) (*source.Image, error) {
+func (d *Driver) resolve(ctx context.Context, p volumeParams, secrets map[string]string, inline bool) (*source.Image, error) {
 	ref, err := source.Parse(p.Image)
 	if err != nil {
 		return nil, err
 	}
-	return source.Resolve(ctx, ref, d.sourceOptions(p, secrets))
+	return source.Resolve(ctx, ref, d.sourceOptions(p, secrets, inline))
 }
 
-func (d *Driver) sourceOptions(p volumeParams, secrets map[string]string) source.Options {
+// sourceOptions are the registry options for a volume. An inline volume
+// is asked for by whoever wrote the pod, so it pulls with the pull secret
+// the pod names and not with the node's credentials, unless the admin
+// allows that: otherwise any pod author could have the node fetch, and
+// then hand out, another tenant's private image.
+func (d *Driver) sourceOptions(p volumeParams, secrets map[string]string, inline bool) source.Options {
 	return source.Options{
+		NoNodeCredentials:     inline && !d.cfg.InlineNodeCredentials,
 		PlainHTTP:             p.PlainHTTP,
 		InsecureSkipTLSVerify: p.InsecureSkipTLSVerify,
 		DockerConfigJSON:      []byte(secrets[dockerConfigSecretKey]),
@@ -59,7 +65,7 @@ func (d *Driver) ensureBase(ctx context.Context, m *volumeRecord, p volumeParams
 		if err != nil {
 			return err
 		}
-		img, err := source.Resolve(ctx, ref, d.sourceOptions(p, secrets))
+		img, err := source.Resolve(ctx, ref, d.sourceOptions(p, secrets, m.Ephemeral))
 		if err != nil {
 			return err
 		}

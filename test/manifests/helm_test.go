@@ -90,7 +90,7 @@ func TestHelmTemplate(t *testing.T) {
 						"livenessProbe:", "readinessProbe:", "path: /healthz", "host: 127.0.0.1", "containerPort: 9856",
 						"memory: 512Mi",
 					},
-					notWant: []string{"--kubelet-registration-path", "--plugin-registration-dir", "mountPath: /registration", "--cache-max-size", "--capacity-reserve", "--metrics-address", "POD_IP", "--image-max", "--local-image-root", "--allow-inline-insecure-registries", "local-images"},
+					notWant: []string{"--kubelet-registration-path", "--plugin-registration-dir", "mountPath: /registration", "--cache-max-size", "--capacity-reserve", "--metrics-address", "POD_IP", "--image-max", "--local-image-root", "--allow-inline-insecure-registries", "--inline-node-credentials", "local-images"},
 					mounts: map[string][]string{
 						"kubelet-dir": {"mountPath: /var/lib/kubelet", "mountPropagation: Bidirectional"},
 						"home":        {"mountPath: /var/lib/boxlite-csi", "mountPropagation: Bidirectional"},
@@ -285,13 +285,13 @@ func TestHelmTemplate(t *testing.T) {
 		},
 		{
 			name:      "inline volumes may use local images and insecure registries",
-			args:      []string{"--set", "inline.localImageRoot=/srv/images", "--set", "inline.allowInsecureRegistries=true"},
+			args:      []string{"--set", "inline.localImageRoot=/srv/images", "--set", "inline.allowInsecureRegistries=true", "--set", "inline.nodeCredentials=true"},
 			kinds:     append([]string{"DaemonSet", "CSIDriver"}, rbacKinds...),
 			daemonSet: []string{"path: /srv/images", "type: Directory"},
 			containers: []containerCheck{
 				{
 					name: "boxlite-csi",
-					want: []string{"- --local-image-root=/srv/images", "- --allow-inline-insecure-registries"},
+					want: []string{"- --local-image-root=/srv/images", "- --allow-inline-insecure-registries", "- --inline-node-credentials"},
 					mounts: map[string][]string{
 						"local-images": {"mountPath: /srv/images", "readOnly: true"},
 					},

@@ -72,6 +72,9 @@ value is empty, so the plugin's own defaults apply.
 {{- if .Values.inline.allowInsecureRegistries }}
 - --allow-inline-insecure-registries
 {{- end }}
+{{- if .Values.inline.nodeCredentials }}
+- --inline-node-credentials
+{{- end }}
 {{- if .Values.metrics.enabled }}
 # The brackets keep an IPv6 pod IP apart from the port. Go accepts them
 # around an IPv4 address too.

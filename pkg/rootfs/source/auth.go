@@ -301,6 +301,9 @@ func (o *Options) authenticator(repo name.Repository) (authn.Authenticator, cred
 		}
 		info.looked = append(info.looked, secretSource)
 	}
+	if o.NoNodeCredentials {
+		return authn.Anonymous, info, nil
+	}
 	p := o.nodeConfigPath()
 	if p == "" {
 		return authn.Anonymous, info, nil

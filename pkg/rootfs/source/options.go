@@ -37,6 +37,11 @@ type Options struct {
 	// DockerConfigDir holds the node's docker config.json, consulted after
 	// the pull secret. Default: $DOCKER_CONFIG, else ~/.docker.
 	DockerConfigDir string
+	// NoNodeCredentials leaves the node's docker config out: only the pull
+	// secret's credentials, or none, are used. It is for requests made on
+	// behalf of whoever wrote a pod (an inline volume), who must not get
+	// the node's access to private images.
+	NoNodeCredentials bool
 	// Platform to pick from an index. Default linux/runtime.GOARCH; for
 	// arm64 an absent variant and "v8" are the same thing.
 	Platform *v1.Platform
