@@ -7,6 +7,8 @@ import (
 	"syscall"
 
 	mount "k8s.io/mount-utils"
+
+	"github.com/boxlite-csi/boxlite-csi/internal/mountinfo"
 )
 
 // Within reports whether p is dir or lies below it.
@@ -18,9 +20,9 @@ func Within(p, dir string) bool {
 // MountsUnder lists the mounts at or below any of dirs, one entry per
 // mount (a path mounted twice appears twice), deepest first.
 func MountsUnder(dirs ...string) ([]mount.MountInfo, error) {
-	infos, err := mount.ParseMountInfo("/proc/self/mountinfo")
+	infos, err := mountinfo.Read()
 	if err != nil {
-		return nil, fmt.Errorf("read /proc/self/mountinfo: %w", err)
+		return nil, err
 	}
 	var out []mount.MountInfo
 	for _, mi := range infos {

@@ -27,6 +27,7 @@ import (
 	"google.golang.org/grpc/status"
 	mount "k8s.io/mount-utils"
 
+	"github.com/boxlite-csi/boxlite-csi/internal/mountinfo"
 	"github.com/boxlite-csi/boxlite-csi/internal/safeopen"
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 )
@@ -156,15 +157,13 @@ func mountSetReadOnly(fd int, what string) error {
 // descriptor opened beneath dir, so a pod that renamed a mounted path or
 // planted a link where it was cannot turn the unmount onto another mount.
 func unmountInside(dir string) error {
-	infos, err := mount.ParseMountInfo("/proc/self/mountinfo")
+	infos, err := mountinfo.Read()
 	if err != nil {
-		return fmt.Errorf("read mounts: %w", err)
+		return err
 	}
 	var inside []mount.MountInfo
 	for _, mi := range infos {
-		mp := unescapeMountinfo(mi.MountPoint)
-		if mp != dir && within(mp, dir) {
-			mi.MountPoint = mp
+		if mi.MountPoint != dir && within(mi.MountPoint, dir) {
 			inside = append(inside, mi)
 		}
 	}
@@ -212,25 +211,4 @@ func unmountByID(root *safeopen.Root, dir string, mi mount.MountInfo) error {
 		return &os.PathError{Op: "unmount", Path: mi.MountPoint, Err: err}
 	}
 	return nil
-}
-
-// unescapeMountinfo decodes the octal escapes (\040 for a space, \011,
-// \012, \134) the kernel writes in /proc/self/mountinfo paths, which
-// mount-utils leaves in place.
-func unescapeMountinfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }

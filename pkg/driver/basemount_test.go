@@ -16,6 +16,13 @@ import (
 // mount on the host path nor leak the renamed base mount, and deleting
 // the volume must leave nothing, after which the plugin still starts.
 func TestBaseSwapAttack(t *testing.T) {
+	// A name with a space is written as \040 in mountinfo.
+	for _, aside := range []string{"base.old", "base old"} {
+		t.Run(aside, func(t *testing.T) { baseSwapAttack(t, aside) })
+	}
+}
+
+func baseSwapAttack(t *testing.T, aside string) {
 	needRoot(t)
 	params := smallImageParams(t)
 	dir := t.TempDir()
@@ -38,7 +45,7 @@ func TestBaseSwapAttack(t *testing.T) {
 	if err := os.Rename(filepath.Join(target, "base", "rootfs.ext4"), filepath.Join(target, "base", "x")); err == nil {
 		t.Error("the pod renamed the mounted base itself")
 	}
-	if err := os.Rename(filepath.Join(target, "base"), filepath.Join(target, "base.old")); err != nil {
+	if err := os.Rename(filepath.Join(target, "base"), filepath.Join(target, aside)); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Mkdir(filepath.Join(target, "base"), 0o755); err != nil {

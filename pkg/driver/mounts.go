@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 	mount "k8s.io/mount-utils"
 
+	"github.com/boxlite-csi/boxlite-csi/internal/mountinfo"
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 )
 
@@ -25,9 +26,9 @@ type boxMounts struct {
 
 func readBoxMounts(box layout.Box) (boxMounts, error) {
 	var res boxMounts
-	infos, err := mount.ParseMountInfo("/proc/self/mountinfo")
+	infos, err := mountinfo.Read()
 	if err != nil {
-		return res, fmt.Errorf("read mounts: %w", err)
+		return res, err
 	}
 	var st unix.Stat_t
 	if err := unix.Stat(box.Root(), &st); err != nil {
