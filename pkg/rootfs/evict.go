@@ -13,7 +13,8 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
-	"github.com/boxlite-csi/boxlite-csi/pkg/qcow2"
+	"github.com/boxlite-csi/boxlite-csi/internal/safeopen"
+	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 )
 
 // EvictStats reports one eviction pass.
@@ -93,8 +94,14 @@ func usedFraction(dir string) (float64, error) {
 // references returns the bases the boxes on disk back onto. A box's
 // overlay names ../base/rootfs.ext4, a hard link to a cached base, so the
 // inode at that path identifies the base whatever the cache file is called.
-// complete is false if any box could not be read: evicting then could
-// remove a base a box still needs.
+// complete is false only if the boxes cannot be listed at all.
+//
+// A box that cannot be read does not stop the pass: boxes are their pods'
+// to damage, and one damaged box must not stop eviction for the node (the
+// disk would fill). Nor does evicting for it lose anything. A box holds
+// its base by a hard link, so if an unreadable box did reference a base
+// that is evicted, its link keeps the inode, and only the space is not
+// freed.
 func (c *Cache) references(ctx context.Context) (refs map[fileID]bool, complete bool) {
 	log := klog.FromContext(ctx)
 	home := c.cfg.Home
@@ -113,30 +120,55 @@ func (c *Cache) references(ctx context.Context) (refs map[fileID]bool, complete 
 			continue
 		}
 		// A tampered or corrupt overlay still pins its base: the box's
-		// owner may repair it. Only an unreadable one leaves us unsure.
-		_, verr := VerifyOverlay(box)
-		if verr != nil && qcow2.IsIO(verr) && !errors.Is(verr, fs.ErrNotExist) {
-			log.Error(verr, "Cannot read overlay; reference scan incomplete", "box", id)
-			complete = false
-		}
-		var st unix.Stat_t
-		if err := unix.Stat(box.BasePath(), &st); err != nil {
-			if !errors.Is(err, fs.ErrNotExist) {
-				log.Error(err, "Cannot stat box base; reference scan incomplete", "box", id)
-				complete = false
-			}
+		// owner may repair it. The overlay is not read here at all.
+		ref, ok, err := baseReference(box)
+		if err != nil {
+			log.Error(err, "Cannot look at a box's base link; it pins nothing in this pass", "box", box.ID())
 			continue
 		}
-		refs[fileID{st.Dev, st.Ino}] = true
+		if ok {
+			refs[ref] = true
+		}
 	}
 	return refs, complete
+}
+
+// baseReference is the base a box's link references. The box is its pod's
+// to write, so the link is looked at beneath the box root without
+// following links: a link a pod planted there, or anything but a regular
+// file, references nothing (it must not pin another tenant's base, nor
+// stop every eviction pass by failing to resolve). Only an error that
+// leaves the answer unknown is returned.
+func baseReference(box layout.Box) (fileID, bool, error) {
+	root, err := safeopen.OpenRoot(box.Root())
+	if errors.Is(err, fs.ErrNotExist) {
+		return fileID{}, false, nil
+	}
+	if err != nil {
+		return fileID{}, false, err
+	}
+	defer root.Close()
+	rel, err := filepath.Rel(box.Root(), box.BasePath())
+	if err != nil {
+		return fileID{}, false, err
+	}
+	st, err := root.Lstat(rel)
+	switch {
+	case errors.Is(err, fs.ErrNotExist), errors.Is(err, unix.ELOOP), errors.Is(err, unix.EXDEV), errors.Is(err, unix.ENOTDIR):
+		return fileID{}, false, nil
+	case err != nil:
+		return fileID{}, false, err
+	case st.Mode&unix.S_IFMT != unix.S_IFREG:
+		return fileID{}, false, nil
+	}
+	return fileID{st.Dev, st.Ino}, true, nil
 }
 
 // Evict removes least-recently-used bases once the cache filesystem is
 // above the high watermark (or the bases exceed MaxBytes), until it is
 // back under the low one. It never removes a base that a box references,
 // that is being built, or that was installed or used within Grace, and it
-// skips the pass entirely if the reference scan is incomplete.
+// skips the pass entirely if the boxes cannot be listed.
 func (c *Cache) Evict(ctx context.Context) (EvictStats, error) {
 	log := klog.FromContext(ctx)
 	bases, cacheBytes, used, err := c.usage()
