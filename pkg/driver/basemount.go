@@ -116,10 +116,11 @@ func (d *Driver) mountBaseReadOnly(box layout.Box, r *volumeRecord) error {
 }
 
 // checkBaseIdentity accepts the file at the box's base path only if it is
-// the base this volume was given: the inode recorded when the plugin
-// linked it, or, before that is recorded, a cached base of the volume's
-// image. It records the inode on first sight, so a box keeps its own base
-// even once the cache's copy is gone.
+// the base this volume was given: the inode recorded for the volume, or,
+// before one is recorded, a cached base of the volume's image. The inode
+// is recorded at unstage (recordBaseInode), off the path a pod's start
+// waits on, so that a box keeps its own base once the cache's copy is
+// gone.
 func (d *Driver) checkBaseIdentity(box layout.Box, r *volumeRecord, dev, ino uint64) error {
 	var st unix.Stat_t
 	if err := unix.Stat(box.Root(), &st); err != nil {
@@ -139,7 +140,31 @@ func (d *Driver) checkBaseIdentity(box layout.Box, r *volumeRecord, dev, ino uin
 	if !ok || !sameFS {
 		return status.Errorf(codes.FailedPrecondition, "volume %s: %s is not a cached base of image %s: the box was tampered with, and nothing was mounted", box.ID(), box.BasePath(), r.Digest)
 	}
-	r.BaseInode = ino
+	return nil
+}
+
+// recordBaseInode writes into the volume's record the inode of the base
+// its box links, once that base is still checked against the cache. A
+// record that has one already, or a box whose link is not a cached base,
+// is left as it is.
+func (d *Driver) recordBaseInode(box layout.Box) error {
+	r, err := d.readRecord(box)
+	if err != nil || r.BaseInode != 0 {
+		return nil
+	}
+	f, err := openBase(box)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return nil
+	}
+	if err := d.checkBaseIdentity(box, r, uint64(st.Dev), st.Ino); err != nil {
+		return nil
+	}
+	r.BaseInode = st.Ino
 	return d.writeRecord(r)
 }
 

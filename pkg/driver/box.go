@@ -241,8 +241,14 @@ func (d *Driver) stageBox(ctx context.Context, box layout.Box, r *volumeRecord, 
 	if disk.Outcome != rootfs.Reused {
 		d.cfg.Metrics.ObserveOverlay(string(disk.Outcome), time.Since(start)-baseWait)
 		// A new overlay was written over the base just linked from the
-		// cache: that base, checked against the cache, is the box's now.
-		r.BaseInode = 0
+		// cache: that base, checked against the cache, is the box's now,
+		// and unstage records its inode.
+		if r.BaseInode != 0 {
+			r.BaseInode = 0
+			if err := d.writeRecord(r); err != nil {
+				return disk, err
+			}
+		}
 	}
 	if err := d.mountBaseReadOnly(box, r); err != nil {
 		return disk, fmt.Errorf("volume %s: %w", box.ID(), err)
@@ -274,7 +280,7 @@ func refreshManifest(box layout.Box, m *boxManifest) error {
 
 // releaseBase drops the box's read-only base mount once nothing outside
 // the box shows it, so that an unstaged volume leaves no mounts behind.
-func (d *Driver) releaseBase(box layout.Box) error {
+func (d *Driver) releaseBase(ctx context.Context, box layout.Box) error {
 	if _, err := os.Stat(box.Root()); errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
@@ -282,10 +288,15 @@ func (d *Driver) releaseBase(box layout.Box) error {
 	if err != nil {
 		return err
 	}
-	if len(mounts.outside) == 0 {
-		return unmountInside(box.Root())
+	if len(mounts.outside) > 0 {
+		return nil
 	}
-	return nil
+	// Best effort: unstaging must never fail for want of a record update
+	// (a full disk); the next unstage tries again.
+	if err := d.recordBaseInode(box); err != nil {
+		klog.FromContext(ctx).Error(err, "Cannot record the base inode of a box; the next unstage tries again", "volume", box.ID())
+	}
+	return unmountInside(box.Root())
 }
 
 // deleteBox removes a box that nothing mounts any more. Its base link goes
@@ -337,7 +348,12 @@ func removeBox(home layout.Home, box layout.Box) error {
 	if err := syncDir(home.BoxesDir()); err != nil {
 		return err
 	}
-	return removeDoomed(home, box)
+	// The caller unmounted everything inside the box before the rename,
+	// and a pod cannot mount, so no second look at the mount table.
+	if err := os.RemoveAll(doomed); err != nil {
+		return fmt.Errorf("remove box %s: %w", doomed, err)
+	}
+	return nil
 }
 
 // doomedPath is where a box is set aside while it is deleted.

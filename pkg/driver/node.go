@@ -86,7 +86,7 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	if err := d.unmount(staging, false); err != nil {
 		return nil, nodeError(op, box, err)
 	}
-	if err := d.releaseBase(box); err != nil {
+	if err := d.releaseBase(ctx, box); err != nil {
 		return nil, nodeError(op, box, err)
 	}
 	klog.FromContext(ctx).V(2).Info("Unstaged volume", "volume", box.ID(), "staging", staging)
