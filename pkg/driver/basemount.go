@@ -58,23 +58,6 @@ func openBase(box layout.Box) (*os.File, error) {
 	return root.OpenPath(rel)
 }
 
-// checkBaseFile says whether the box's base link is a regular file.
-func checkBaseFile(box layout.Box) error {
-	f, err := openBase(box)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		return &os.PathError{Op: "fstat", Path: box.BasePath(), Err: err}
-	}
-	if st.Mode&unix.S_IFMT != unix.S_IFREG {
-		return &os.PathError{Op: "lstat", Path: box.BasePath(), Err: safeopen.ErrNotRegular}
-	}
-	return nil
-}
-
 // mountBaseReadOnly bind-mounts the box's base link read-only onto itself.
 // The base is shared by every box, so inside a pod it must be read-only
 // even to root, which file modes cannot promise but a mount can.
@@ -133,7 +116,7 @@ func (d *Driver) checkBaseIdentity(box layout.Box, r *volumeRecord, dev, ino uin
 		}
 		return status.Errorf(codes.FailedPrecondition, "volume %s: %s is not the base its overlay was created over (inode %d, want %d): the box was tampered with, and nothing was mounted", box.ID(), box.BasePath(), ino, r.BaseInode)
 	}
-	ok, err := d.cache.IsBaseOf(r.Digest, dev, ino)
+	ok, err := d.cache.IsBaseOf(r.Digest, d.builder.Version(), dev, ino)
 	if err != nil {
 		return err
 	}

@@ -220,7 +220,10 @@ func (d *Driver) recover(ctx context.Context) error {
 	if err := os.MkdirAll(d.recordsDir(), 0o700); err != nil {
 		return fmt.Errorf("recover: create %s: %w", d.recordsDir(), err)
 	}
-	removeTemps(log, d.recordsDir())
+	if records, err := safeopen.OpenRoot(d.recordsDir()); err == nil {
+		removeTemps(log, records, ".")
+		records.Close()
+	}
 	dir := d.home.BoxesDir()
 	ents, err := os.ReadDir(dir)
 	if err != nil {
@@ -244,8 +247,7 @@ func (d *Driver) recover(ctx context.Context) error {
 			log.Info("Ignoring an entry in the boxes directory that is not a box", "path", p)
 			continue
 		}
-		removeTemps(log, box.Root())
-		removeTempsBeneath(log, box, "disks")
+		removeBoxTemps(log, box)
 		d.adoptIfNeeded(ctx, box)
 	}
 	return nil
@@ -270,18 +272,13 @@ func (d *Driver) adoptIfNeeded(ctx context.Context, box layout.Box) {
 	log.Info("Adopted a box made by an earlier release: its box.json is now the volume record", "volume", box.ID(), "record", d.recordPath(box.ID()))
 }
 
-// removeTempsBeneath removes the temp files an interrupted overlay write
-// left in a box's subdirectory sub. The directory is opened beneath the
-// box root without following links, and names are removed relative to it:
-// a pod that replaced disks/ with a link to a host directory must not
-// have the plugin delete files there.
-func removeTempsBeneath(log klog.Logger, box layout.Box, sub string) {
-	root, err := safeopen.OpenRoot(box.Root())
-	if err != nil {
-		return
-	}
-	defer root.Close()
-	dir, err := root.OpenDir(sub)
+// removeTemps removes the dot-named temp files that an interrupted write
+// left in the directory rel beneath root. A box is its pod's to write, so
+// the directory is opened without following links and names are removed
+// relative to it: a pod that replaced disks/ with a link to a host
+// directory must not have the plugin delete files there.
+func removeTemps(log klog.Logger, root *safeopen.Root, rel string) {
+	dir, err := root.OpenDir(rel)
 	if err != nil {
 		return
 	}
@@ -295,20 +292,19 @@ func removeTempsBeneath(log klog.Logger, box layout.Box, sub string) {
 			continue
 		}
 		if err := unix.Unlinkat(int(dir.Fd()), name, 0); err == nil {
-			log.Info("Removed stale temp file", "path", filepath.Join(box.Root(), sub, name))
+			log.Info("Removed stale temp file", "path", filepath.Join(root.Name(), rel, name))
 		}
 	}
 }
 
-// removeTemps removes the dot-named temp files that an interrupted write
-// left in dirs, which the plugin owns.
-func removeTemps(log klog.Logger, dirs ...string) {
-	for _, dir := range dirs {
-		tmps, _ := filepath.Glob(filepath.Join(dir, ".*.tmp*"))
-		for _, t := range tmps {
-			if err := os.Remove(t); err == nil {
-				log.Info("Removed stale temp file", "path", t)
-			}
-		}
+// removeBoxTemps removes the temp files in a box: in its root (box.json)
+// and in disks/ (the overlay).
+func removeBoxTemps(log klog.Logger, box layout.Box) {
+	root, err := safeopen.OpenRoot(box.Root())
+	if err != nil {
+		return
 	}
+	defer root.Close()
+	removeTemps(log, root, ".")
+	removeTemps(log, root, "disks")
 }

@@ -49,7 +49,7 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 		add(csi.VolumeHealthErrorType_INACCESSIBLE, "OverlayUnreadable", "%v", verr)
 	}
 	if verr == nil {
-		if err := checkBaseFile(box); err != nil {
+		if err := rootfs.VerifyBase(box); err != nil {
 			add(csi.VolumeHealthErrorType_INACCESSIBLE, "BaseMissing", "overlay %s has missing backing file %s: %v", overlay, box.BasePath(), err)
 		}
 	}

@@ -102,7 +102,7 @@ func (d *Driver) boxStates() (counts map[string]int, errs int) {
 			counts[boxUnhealthy]++
 			continue
 		}
-		if err := checkBaseFile(box); err != nil {
+		if err := rootfs.VerifyBase(box); err != nil {
 			counts[boxUnhealthy]++
 			continue
 		}

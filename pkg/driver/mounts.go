@@ -15,13 +15,11 @@ import (
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 )
 
-// boxMounts reads from the kernel where a box is mounted: targets outside
-// the box that show it (staging and publish paths), and whether its base
-// is bind-mounted read-only in place. Nothing is remembered between calls,
-// so this is right after a restart too.
+// boxMounts reads from the kernel where a box is mounted: the targets
+// outside the box that show it (staging and publish paths). Nothing is
+// remembered between calls, so this is right after a restart too.
 type boxMounts struct {
-	outside     []string
-	baseMounted bool
+	outside []string
 }
 
 func readBoxMounts(box layout.Box) (boxMounts, error) {
@@ -56,12 +54,8 @@ func readBoxMounts(box layout.Box) (boxMounts, error) {
 		if mi.Major != major || mi.Minor != minor || !within(mi.Root, rootInFS) {
 			continue
 		}
-		switch {
-		case mi.MountPoint == box.BasePath():
-			res.baseMounted = true
-		case within(mi.MountPoint, box.Root()):
-			// Some other mount inside the box: part of the box, not a user.
-		default:
+		// A mount inside the box (its base) is part of the box, not a user.
+		if !within(mi.MountPoint, box.Root()) {
 			res.outside = append(res.outside, mi.MountPoint)
 		}
 	}

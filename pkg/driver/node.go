@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"path/filepath"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -14,7 +13,6 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
-	"github.com/boxlite-csi/boxlite-csi/internal/safeopen"
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 	"github.com/boxlite-csi/boxlite-csi/pkg/qcow2"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
@@ -255,16 +253,7 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 // root without following links or blocking, since the pod may have put
 // anything at that path.
 func overlayUsage(box layout.Box) *csi.VolumeUsage {
-	root, err := safeopen.OpenRoot(box.Root())
-	if err != nil {
-		return nil
-	}
-	defer root.Close()
-	rel, err := filepath.Rel(box.Root(), box.GuestRootfsDiskPath())
-	if err != nil {
-		return nil
-	}
-	f, err := root.OpenFile(rel, unix.O_RDONLY)
+	f, err := rootfs.OpenOverlay(box)
 	if err != nil {
 		return nil
 	}
@@ -274,7 +263,7 @@ func overlayUsage(box layout.Box) *csi.VolumeUsage {
 		return nil
 	}
 	var total int64
-	if h, err := qcow2.ParseHeader(box.GuestRootfsDiskPath(), f, st.Size); err == nil {
+	if h, err := qcow2.ReadHeaderFile(f); err == nil {
 		total = int64(h.Size)
 	}
 	used := st.Blocks * 512
