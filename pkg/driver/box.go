@@ -57,30 +57,6 @@ func (r *volumeRecord) sameVolume(name string, params map[string]string, capacit
 	return r.Name == name && maps.Equal(r.Params, params) && r.Capacity == capacity
 }
 
-// newRecord resolves the image the parameters name and returns the
-// record of a new volume for it. The caller fills in name and capacity.
-func (d *Driver) newRecord(ctx context.Context, id string, p volumeParams, params, secrets map[string]string, inline bool) (*volumeRecord, error) {
-	rctx, cancel := context.WithTimeout(ctx, resolveTimeout)
-	defer cancel()
-	img, err := d.resolve(rctx, p, secrets, inline)
-	if err != nil {
-		return nil, err
-	}
-	cfg, err := img.Config()
-	if err != nil {
-		return nil, err
-	}
-	return &volumeRecord{
-		Version:  recordVersion,
-		VolumeID: id,
-		Params:   userParams(params),
-		Image:    p.Image,
-		Digest:   img.Digest.String(),
-		Pinned:   img.Pinned,
-		Config:   cfg,
-	}, nil
-}
-
 // encodeManifest is the content of box.json.
 func encodeManifest(m *boxManifest) ([]byte, error) {
 	m.Version = manifestVersion

@@ -33,6 +33,30 @@ func (d *Driver) resolve(ctx context.Context, p volumeParams, secrets map[string
 	return source.Resolve(ctx, ref, d.sourceOptions(p, secrets, inline))
 }
 
+// newRecord resolves the image the parameters name and returns the
+// record of a new volume for it. The caller fills in name and capacity.
+func (d *Driver) newRecord(ctx context.Context, id string, p volumeParams, params, secrets map[string]string, inline bool) (*volumeRecord, error) {
+	rctx, cancel := context.WithTimeout(ctx, resolveTimeout)
+	defer cancel()
+	img, err := d.resolve(rctx, p, secrets, inline)
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := img.Config()
+	if err != nil {
+		return nil, err
+	}
+	return &volumeRecord{
+		Version:  recordVersion,
+		VolumeID: id,
+		Params:   userParams(params),
+		Image:    p.Image,
+		Digest:   img.Digest.String(),
+		Pinned:   img.Pinned,
+		Config:   cfg,
+	}, nil
+}
+
 // sourceOptions are the registry options for a volume. An inline volume
 // is asked for by whoever wrote the pod, so it pulls with the pull secret
 // the pod names and not with the node's credentials, unless the admin
