@@ -1,17 +1,11 @@
 package driver
 
-// The read-only base bind is the one mount the plugin makes inside a box,
-// which is pod-writable territory. So it is made on a verified inode, by
-// file descriptor, in one step: the base link is opened beneath the box
-// root without following any link, checked by device and inode against
-// the cache, cloned with open_tree, made read-only with mount_setattr
-// while still detached, and attached with move_mount. There is no moment
-// when it is writable, and no name a pod could swap in between.
-//
-// Unmounting works the same way round: every mount inside the box is
-// found by its mount ID, wherever the pod has since renamed it to, opened
-// beneath the box root, checked to be that very mount, and detached
-// through its descriptor.
+// Mounts inside a box, which is pod-writable territory. The plugin makes
+// them by file descriptor on inodes it checked (owned.go), and removes
+// them the same way round: every mount inside the box is found by its
+// mount ID, wherever the pod has since renamed it to, opened beneath the
+// box root, checked to be that very mount, and detached through its
+// descriptor.
 
 import (
 	"errors"
@@ -19,7 +13,6 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -58,46 +51,6 @@ func openBase(box layout.Box) (*os.File, error) {
 	return root.OpenPath(rel)
 }
 
-// mountBaseReadOnly bind-mounts the box's base link read-only onto itself.
-// The base is shared by every box, so inside a pod it must be read-only
-// even to root, which file modes cannot promise but a mount can.
-func (d *Driver) mountBaseReadOnly(box layout.Box, r *volumeRecord) error {
-	f, err := openBase(box)
-	if err != nil {
-		return status.Errorf(codes.FailedPrecondition, "volume %s: cannot open its base %s: %v", box.ID(), box.BasePath(), err)
-	}
-	defer f.Close()
-	fd := int(f.Fd())
-	var stx unix.Statx_t
-	if err := unix.Statx(fd, "", unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW, unix.STATX_INO|unix.STATX_TYPE, &stx); err != nil {
-		return fmt.Errorf("statx %s: %w", box.BasePath(), err)
-	}
-	dev := unix.Mkdev(stx.Dev_major, stx.Dev_minor)
-	if stx.Mode&unix.S_IFMT != unix.S_IFREG {
-		return status.Errorf(codes.FailedPrecondition, "volume %s: its base %s is not a regular file (mode %#o): the box was tampered with, and nothing was mounted", box.ID(), box.BasePath(), stx.Mode&unix.S_IFMT)
-	}
-	if err := d.checkBaseIdentity(box, r, dev, stx.Ino); err != nil {
-		return err
-	}
-	if stx.Attributes_mask&unix.STATX_ATTR_MOUNT_ROOT != 0 && stx.Attributes&unix.STATX_ATTR_MOUNT_ROOT != 0 {
-		// Mounted already (a retried stage). It is the base, as checked
-		// above; make sure it is read-only too.
-		return mountSetReadOnly(fd, box.BasePath())
-	}
-	tree, err := unix.OpenTree(fd, "", unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC|unix.AT_EMPTY_PATH)
-	if err != nil {
-		return fmt.Errorf("open_tree %s: %w", box.BasePath(), err)
-	}
-	defer unix.Close(tree)
-	if err := mountSetReadOnly(tree, box.BasePath()); err != nil {
-		return err
-	}
-	if err := unix.MoveMount(tree, "", fd, "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH); err != nil {
-		return fmt.Errorf("move_mount the read-only base onto %s: %w", box.BasePath(), err)
-	}
-	return nil
-}
-
 // checkBaseIdentity accepts the file at the box's base path only if it is
 // the base this volume was given: the inode recorded for the volume, or,
 // before one is recorded, a cached base of the volume's image. The inode
@@ -124,31 +77,6 @@ func (d *Driver) checkBaseIdentity(box layout.Box, r *volumeRecord, dev, ino uin
 		return status.Errorf(codes.FailedPrecondition, "volume %s: %s is not a cached base of image %s: the box was tampered with, and nothing was mounted", box.ID(), box.BasePath(), r.Digest)
 	}
 	return nil
-}
-
-// recordBaseInode writes into the volume's record the inode of the base
-// its box links, once that base is still checked against the cache. A
-// record that has one already, or a box whose link is not a cached base,
-// is left as it is.
-func (d *Driver) recordBaseInode(box layout.Box) error {
-	r, err := d.readRecord(box)
-	if err != nil || r.BaseInode != 0 {
-		return nil
-	}
-	f, err := openBase(box)
-	if err != nil {
-		return nil
-	}
-	defer f.Close()
-	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
-		return nil
-	}
-	if err := d.checkBaseIdentity(box, r, uint64(st.Dev), st.Ino); err != nil {
-		return nil
-	}
-	r.BaseInode = st.Ino
-	return d.writeRecord(r)
 }
 
 func mountSetReadOnly(fd int, what string) error {
@@ -214,9 +142,5 @@ func unmountByID(root *safeopen.Root, dir string, mi mount.MountInfo) error {
 	if stx.Mask&unix.STATX_MNT_ID == 0 || stx.Mnt_id != uint64(mi.ID) {
 		return fmt.Errorf("unmount %s: the path no longer leads to mount %d (it leads to %d); left as it is", mi.MountPoint, mi.ID, stx.Mnt_id)
 	}
-	p := "/proc/self/fd/" + strconv.Itoa(int(f.Fd()))
-	if err := unix.Unmount(p, unix.MNT_DETACH); err != nil {
-		return &os.PathError{Op: "unmount", Path: mi.MountPoint, Err: err}
-	}
-	return nil
+	return detach(f, mi.MountPoint)
 }

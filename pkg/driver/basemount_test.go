@@ -1,8 +1,10 @@
 package driver
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -12,7 +14,7 @@ import (
 )
 
 // TestBaseSwapAttack plays the pod that renames its base away and plants
-// a link to a host path where the base was. Today's plugin must neither
+// a link to a host path where the base was. The plugin must neither
 // mount on the host path nor leak the renamed base mount, and deleting
 // the volume must leave nothing, after which the plugin still starts.
 func TestBaseSwapAttack(t *testing.T) {
@@ -40,19 +42,21 @@ func baseSwapAttack(t *testing.T, aside string) {
 	if _, err := p.node().NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: rwo}); err != nil {
 		t.Fatal(err)
 	}
-	// The pod, through its view of the box: the base is a mount point, so
-	// it cannot be renamed or removed itself, but its directory can.
-	if err := os.Rename(filepath.Join(target, "base", "rootfs.ext4"), filepath.Join(target, "base", "x")); err == nil {
-		t.Error("the pod renamed the mounted base itself")
-	}
-	if err := os.Rename(filepath.Join(target, "base"), filepath.Join(target, aside)); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Mkdir(filepath.Join(target, "base"), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Symlink(host.file, filepath.Join(target, "base", "rootfs.ext4")); err != nil {
-		t.Fatal(err)
+	// The pod, through its view of the box: base/ and box.json are
+	// read-only mount points, so none of this works.
+	for _, try := range []struct {
+		what string
+		err  error
+		want syscall.Errno
+	}{
+		{"rename base/", os.Rename(filepath.Join(target, "base"), filepath.Join(target, aside)), syscall.EBUSY},
+		{"rename the base", os.Rename(filepath.Join(target, "base", "rootfs.ext4"), filepath.Join(target, "base", "x")), syscall.EROFS},
+		{"add to base/", os.Symlink(host.file, filepath.Join(target, "base", "evil")), syscall.EROFS},
+		{"remove box.json", os.Remove(filepath.Join(target, "box.json")), syscall.EBUSY},
+	} {
+		if !errors.Is(try.err, try.want) {
+			t.Errorf("the pod could %s: %v, want %v", try.what, try.err, try.want)
+		}
 	}
 	if _, err := p.node().NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
 		t.Fatal(err)
@@ -60,6 +64,18 @@ func baseSwapAttack(t *testing.T, aside string) {
 	unstageVolume(t, p, id, staging)
 	if ms, _ := testenv.MountsUnder(box.Root()); len(ms) != 0 {
 		t.Errorf("unstage left %d mounts inside the box, e.g. %s", len(ms), ms[0].MountPoint)
+	}
+	// Underneath, with no mount covering it (as after a reboot, or as a
+	// pod of an earlier release saw it), the box's base/ renamed away and
+	// a link to a host path planted where the base was.
+	if err := os.Rename(box.BaseDir(), filepath.Join(box.Root(), aside)); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(box.BaseDir(), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(host.file, box.BasePath()); err != nil {
+		t.Fatal(err)
 	}
 	// Staging again must not follow the link.
 	err := stageVolume(ctx, p, id, staging)

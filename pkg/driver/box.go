@@ -6,7 +6,6 @@ package driver
 // through these functions, so each step has one implementation.
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -25,7 +24,6 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
-	"github.com/boxlite-csi/boxlite-csi/internal/safeopen"
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
 )
@@ -59,27 +57,29 @@ func (r *volumeRecord) sameVolume(name string, params map[string]string, capacit
 
 // encodeManifest is the content of box.json.
 func encodeManifest(m *boxManifest) ([]byte, error) {
-	m.Version = manifestVersion
-	b, err := json.MarshalIndent(m, "", "  ")
+	c := *m
+	c.Version = manifestVersion
+	// Which inode the base is, is the plugin's business, not the runtime's.
+	c.BaseInode = 0
+	b, err := json.MarshalIndent(&c, "", "  ")
 	if err != nil {
 		return nil, err
 	}
 	return append(b, '\n'), nil
 }
 
-// writeManifest replaces dir/box.json atomically: after a crash it is the
-// old or the new version, never a mix. The data is written out with
-// sync_file_range before the rename, so no journal commit can publish the
-// name over unwritten data. It is not made durable here, for two reasons.
-// NodeStage re-derives what it rewrites (virtual size, backing). And
-// createBox makes a new box durable with one fsync of boxes/, whose commit
-// carries the manifest, its directory and the rename together.
-func writeManifest(dir string, m *boxManifest) error {
-	b, err := encodeManifest(m)
-	if err != nil {
-		return err
-	}
-	f, err := os.CreateTemp(dir, "."+manifestName+".tmp*")
+// writeManifest replaces dir/name with the manifest b atomically: after
+// a crash it is the old or the new version, or, for a name that did not
+// exist, possibly empty. The plugin never reads a manifest back, and
+// NodeStage rewrites both copies whenever they differ from the record, so
+// neither is made durable on the stage path. With flush set, the data is
+// written out with sync_file_range before the rename, so no journal
+// commit can publish the name over unwritten data: createBox uses it,
+// because it makes a new box durable with one fsync of boxes/, whose
+// commit carries the manifest, its directory and the rename together, and
+// an earlier release after a rollback reads that manifest as its truth.
+func writeManifest(dir, name string, b []byte, flush bool) error {
+	f, err := os.CreateTemp(dir, "."+name+".tmp*")
 	if err != nil {
 		return fmt.Errorf("write box manifest in %s: %w", dir, err)
 	}
@@ -88,7 +88,7 @@ func writeManifest(dir string, m *boxManifest) error {
 	if err == nil {
 		err = f.Chmod(0o644)
 	}
-	if err == nil {
+	if err == nil && flush {
 		err = unix.SyncFileRange(int(f.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
 	}
 	if cerr := f.Close(); err == nil {
@@ -97,7 +97,7 @@ func writeManifest(dir string, m *boxManifest) error {
 	if err != nil {
 		return fmt.Errorf("write %s: %w", f.Name(), err)
 	}
-	final := filepath.Join(dir, manifestName)
+	final := filepath.Join(dir, name)
 	if err := os.Rename(f.Name(), final); err != nil {
 		return fmt.Errorf("install %s: %w", final, err)
 	}
@@ -135,7 +135,11 @@ func createBox(home layout.Home, box layout.Box, m *boxManifest) error {
 		return fmt.Errorf("create box %s: %w", box.Root(), err)
 	}
 	defer os.RemoveAll(tmp)
-	if err := writeManifest(tmp, m); err != nil {
+	mb, err := encodeManifest(m)
+	if err != nil {
+		return err
+	}
+	if err := writeManifest(tmp, manifestName, mb, true); err != nil {
 		return err
 	}
 	if err := os.Chmod(tmp, 0o755); err != nil {
@@ -226,32 +230,17 @@ func (d *Driver) stageBox(ctx context.Context, box layout.Box, r *volumeRecord, 
 			}
 		}
 	}
-	if err := d.mountBaseReadOnly(box, r); err != nil {
+	if err := d.ensureOwnedBase(box, r, disk.Outcome != rootfs.Reused); err != nil {
 		return disk, fmt.Errorf("volume %s: %w", box.ID(), err)
 	}
+	if err := d.mountOwnedBase(box); err != nil {
+		return disk, err
+	}
 	m := &boxManifest{volumeRecord: *r, VirtualSize: disk.VirtualSize, Backing: box.BackingName()}
-	if err := refreshManifest(box, m); err != nil {
+	if err := d.refreshManifest(box, m); err != nil {
 		return disk, err
 	}
 	return disk, nil
-}
-
-// refreshManifest rewrites box.json unless it already holds exactly m.
-// Whatever the pod left there is only compared byte for byte (opened
-// without following links, without blocking, bounded), never parsed.
-func refreshManifest(box layout.Box, m *boxManifest) error {
-	want, err := encodeManifest(m)
-	if err != nil {
-		return err
-	}
-	if root, err := safeopen.OpenRoot(box.Root()); err == nil {
-		got, err := root.ReadFile(manifestName, int64(len(want)))
-		root.Close()
-		if err == nil && bytes.Equal(got, want) {
-			return nil
-		}
-	}
-	return writeManifest(box.Root(), m)
 }
 
 // releaseBase drops the box's read-only base mount once nothing outside
@@ -267,11 +256,6 @@ func (d *Driver) releaseBase(ctx context.Context, box layout.Box) error {
 	if len(mounts.outside) > 0 {
 		return nil
 	}
-	// Best effort: unstaging must never fail for want of a record update
-	// (a full disk); the next unstage tries again.
-	if err := d.recordBaseInode(box); err != nil {
-		klog.FromContext(ctx).Error(err, "Cannot record the base inode of a box; the next unstage tries again", "volume", box.ID())
-	}
 	return unmountInside(box.Root())
 }
 
@@ -282,6 +266,9 @@ func (d *Driver) deleteBox(ctx context.Context, box layout.Box) error {
 		// Gone already, or a delete that did not finish: what it set
 		// aside goes now, and then the record. Success means gone.
 		if err := removeDoomed(d.home, box); err != nil {
+			return err
+		}
+		if err := d.removeOwned(box.ID()); err != nil {
 			return err
 		}
 		return d.removeRecord(box.ID())
@@ -297,6 +284,9 @@ func (d *Driver) deleteBox(ctx context.Context, box layout.Box) error {
 		return fmt.Errorf("volume %s: %w", box.ID(), err)
 	}
 	if err := removeBox(d.home, box); err != nil {
+		return err
+	}
+	if err := d.removeOwned(box.ID()); err != nil {
 		return err
 	}
 	if err := d.removeRecord(box.ID()); err != nil {

@@ -250,7 +250,56 @@ func (d *Driver) recover(ctx context.Context) error {
 		removeBoxTemps(log, box)
 		d.adoptIfNeeded(ctx, box)
 	}
+	d.removeOrphans(ctx)
 	return nil
+}
+
+// removeOrphans removes records whose box is gone, and plugin-owned files
+// whose record is gone. A record without a box is a create or a delete
+// that did not finish, or a volume an earlier release deleted after a
+// rollback; the retry of either call redoes its work from nothing, so
+// nothing is lost, and the record's base link stops pinning the base.
+func (d *Driver) removeOrphans(ctx context.Context) {
+	log := klog.FromContext(ctx)
+	ents, err := os.ReadDir(d.recordsDir())
+	if err != nil {
+		log.Error(err, "Cannot list the volume records", "path", d.recordsDir())
+		return
+	}
+	records := map[string]bool{}
+	for _, e := range ents {
+		if _, owned := ownedID(e.Name()); owned || strings.HasPrefix(e.Name(), ".") {
+			continue
+		}
+		id, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok {
+			continue
+		}
+		box, err := d.home.Box(id)
+		if err != nil {
+			continue
+		}
+		var st unix.Stat_t
+		if err := unix.Lstat(box.Root(), &st); err == nil || !errors.Is(err, unix.ENOENT) {
+			records[id] = true
+			continue
+		}
+		if err := d.removeRecord(id); err != nil {
+			log.Error(err, "Cannot remove the record of a volume that has no box", "volume", id)
+			records[id] = true
+			continue
+		}
+		log.Info("Removed the record of a volume that has no box: a create or delete that did not finish", "volume", id)
+	}
+	for _, e := range ents {
+		id, owned := ownedID(e.Name())
+		if !owned || records[id] {
+			continue
+		}
+		if err := d.removeOwned(id); err != nil {
+			log.Error(err, "Cannot remove the plugin-owned files of a volume that has no record", "volume", id)
+		}
+	}
 }
 
 // adoptIfNeeded gives a box of an earlier release, which has no record,

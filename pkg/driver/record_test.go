@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -55,28 +56,37 @@ func TestRecordIgnoresBoxJSON(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// The pod's view: rewrite box.json, remove the overlay.
+	// The pod's view: box.json is a read-only mount point, so the pod can
+	// neither write it nor replace it.
 	forged := map[string]any{"version": 1, "volumeID": id, "ephemeral": true, "digest": theirDigest,
 		"pinned": reg.Ref("theirs:1"), "image": reg.Ref("theirs:1"), "parameters": map[string]string{ParamImage: "oci:/etc"}}
 	b, _ := json.Marshal(forged)
-	if err := os.WriteFile(filepath.Join(target, "box.json"), b, 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(target, "box.json"), b, 0o644); !errors.Is(err, syscall.EROFS) {
+		t.Errorf("the pod wrote its box.json: %v, want EROFS", err)
+	}
+	if err := os.WriteFile(filepath.Join(target, "forged.json"), b, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	// Unpublish: a forged "ephemeral" must not delete the claim's box.
+	if err := os.Rename(filepath.Join(target, "forged.json"), filepath.Join(target, "box.json")); !errors.Is(err, syscall.EBUSY) {
+		t.Errorf("the pod replaced its box.json: %v, want EBUSY", err)
+	}
 	if _, err := p.node().NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(box.Root()); err != nil {
-		t.Fatalf("NodeUnpublish deleted a persistent volume's box after its box.json said ephemeral: %v", err)
-	}
 	unstageVolume(t, p, id, staging)
+
+	// The box's own copy underneath, rewritten while no mount covers it
+	// (as a pod of an earlier release could), and the overlay removed:
+	// the plugin reads neither.
+	if err := os.WriteFile(box.ManifestPath(), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if err := os.Remove(box.GuestRootfsDiskPath()); err != nil {
 		t.Fatal(err)
 	}
 	if err := stageVolume(ctx, p, id, staging); err != nil {
-		t.Fatalf("re-stage after the pod rewrote box.json: %v", err)
+		t.Fatalf("re-stage after box.json was rewritten: %v", err)
 	}
-	defer unstageVolume(t, p, id, staging)
 	// The new overlay is over this volume's own base, not tenant A's.
 	if got := mustManifest(t, p.d, box); got.Digest != want.Digest {
 		t.Errorf("record digest changed to %s, want %s", got.Digest, want.Digest)
@@ -87,8 +97,21 @@ func TestRecordIgnoresBoxJSON(t *testing.T) {
 	if sameFile(t, box.BasePath(), mustBox(t, p, other).BasePath()) {
 		t.Error("the box was given tenant A's base")
 	}
+	// A forged "ephemeral" must not make NodeUnpublish delete the claim.
+	if err := publish(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.node().NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(box.Root()); err != nil {
+		t.Fatalf("NodeUnpublish deleted a persistent volume's box after its box.json said ephemeral: %v", err)
+	}
+	unstageVolume(t, p, id, staging)
+	defer unstageVolume(t, p, id, staging)
 
-	// A FIFO in place of box.json: every call still answers.
+	// A FIFO in place of the box's copy of box.json: every call still
+	// answers.
 	if err := os.Remove(box.ManifestPath()); err != nil {
 		t.Fatal(err)
 	}
@@ -99,15 +122,16 @@ func TestRecordIgnoresBoxJSON(t *testing.T) {
 	go func() {
 		short, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
-		if _, err := p.node().NodeGetVolumeStats(short, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: staging}); err != nil {
-			done <- err
-			return
-		}
 		if _, err := p.node().NodeGetVolumeHealth(short, &csi.NodeGetVolumeHealthRequest{VolumeId: id}); err != nil {
 			done <- err
 			return
 		}
-		done <- stageVolume(short, p, id, staging)
+		if err := stageVolume(short, p, id, staging); err != nil {
+			done <- err
+			return
+		}
+		_, err := p.node().NodeGetVolumeStats(short, &csi.NodeGetVolumeStatsRequest{VolumeId: id, VolumePath: staging})
+		done <- err
 	}()
 	if err := <-done; err != nil {
 		t.Fatalf("with a FIFO for box.json: %v", err)

@@ -123,7 +123,7 @@ func TestRestageAfterReboot(t *testing.T) {
 
 	p.stop()
 	box, _ := p.d.home.Box(id)
-	for _, m := range []string{target, staging, box.BasePath()} {
+	for _, m := range []string{target, staging, box.BaseDir(), box.ManifestPath()} {
 		if err := syscallUnmount(m); err != nil {
 			t.Fatalf("simulated reboot: unmount %s: %v", m, err)
 		}

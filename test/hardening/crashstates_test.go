@@ -50,6 +50,9 @@ func TestCrashStates(t *testing.T) {
 	disk := newDiskChecker(home, qemuImg)
 
 	base := func(v *volume) string { return filepath.Join(v.box, "base", "rootfs.ext4") }
+	// owned is a plugin-owned file of the volume, which stage mounts
+	// read-only into its box.
+	owned := func(v *volume, suffix string) string { return filepath.Join(home, "volumes", v.id+suffix) }
 	cases := []struct {
 		name string
 		// prepared is the volume's next step once the calls before the
@@ -63,14 +66,20 @@ func TestCrashStates(t *testing.T) {
 		retry step
 	}{
 		{
-			name: "stage killed between the base bind and its read-only remount", prepared: stepDelete, retry: stepStage,
-			crash: func(t *testing.T, v *volume) { mustMount(t, base(v), base(v), unix.MS_BIND) },
+			// The box of an earlier release, staged by it: its base file
+			// mounted on itself inside the box.
+			name: "stage of a box an earlier release had staged", prepared: stepDelete, retry: stepStage,
+			crash: func(t *testing.T, v *volume) { mustMountRO(t, base(v), base(v)) },
 		},
 		{
-			name: "stage killed after the base mount, before the staging mount", prepared: stepDelete, retry: stepStage,
+			name: "stage killed after the base mount, before box.json's", prepared: stepDelete, retry: stepStage,
+			crash: func(t *testing.T, v *volume) { mustMountRO(t, owned(v, ".base"), filepath.Join(v.box, "base")) },
+		},
+		{
+			name: "stage killed after the box's own mounts, before the staging mount", prepared: stepDelete, retry: stepStage,
 			crash: func(t *testing.T, v *volume) {
-				mustMount(t, base(v), base(v), unix.MS_BIND)
-				mustMount(t, "", base(v), unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY)
+				mustMountRO(t, owned(v, ".base"), filepath.Join(v.box, "base"))
+				mustMountRO(t, owned(v, ".box.json"), filepath.Join(v.box, "box.json"))
 			},
 		},
 		{
@@ -208,6 +217,14 @@ func mustMount(t *testing.T, src, dst string, flags uintptr) {
 	if err := unix.Mount(src, dst, "", flags, ""); err != nil {
 		t.Fatalf("mount %s on %s (flags %#x): %v", src, dst, flags, err)
 	}
+}
+
+// mustMountRO bind-mounts src on dst read-only, in the two mount(2)
+// calls an earlier release made.
+func mustMountRO(t *testing.T, src, dst string) {
+	t.Helper()
+	mustMount(t, src, dst, unix.MS_BIND)
+	mustMount(t, "", dst, unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY)
 }
 
 func mustUnmount(t *testing.T, p string) {

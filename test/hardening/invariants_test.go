@@ -199,15 +199,20 @@ func newMountExpectation() mountExpectation {
 }
 
 // volumeMounts is what a volume in a given state leaves mounted: staging
-// rbinds the box, whose read-only base mount comes along, and publishing
-// rbinds the staging path again.
+// mounts the plugin-owned base/ and box.json read-only in the box and
+// rbinds the box, which copies both, and publishing rbinds the staging
+// path again.
 func volumeMounts(v *volume, staged, published bool) []string {
 	var out []string
+	view := func(p string) []string {
+		return []string{p, filepath.Join(p, "base"), filepath.Join(p, "box.json")}
+	}
 	if staged {
-		out = append(out, filepath.Join(v.box, "base", "rootfs.ext4"), v.staging, filepath.Join(v.staging, "base", "rootfs.ext4"))
+		out = append(out, view(v.box)[1:]...)
+		out = append(out, view(v.staging)...)
 	}
 	if published {
-		out = append(out, v.target, filepath.Join(v.target, "base", "rootfs.ext4"))
+		out = append(out, view(v.target)...)
 	}
 	return out
 }
@@ -258,8 +263,8 @@ func checkMounts(e mountExpectation, dirs ...string) []error {
 		if !e.allowed[m.MountPoint] {
 			errs = append(errs, fmt.Errorf("leaked mount %s (root %s)", m.MountPoint, m.Root))
 		}
-		if strings.HasSuffix(m.MountPoint, "/base/rootfs.ext4") && !readOnly(m) && !e.inFlight[m.MountPoint] {
-			errs = append(errs, fmt.Errorf("base mount %s is writable (options %v): a pod could change a base every box shares", m.MountPoint, m.MountOptions))
+		if (strings.HasSuffix(m.MountPoint, "/base") || strings.HasSuffix(m.MountPoint, "/box.json")) && !readOnly(m) && !e.inFlight[m.MountPoint] {
+			errs = append(errs, fmt.Errorf("mount %s of a plugin-owned file is writable (options %v): a pod could change what the plugin owns", m.MountPoint, m.MountOptions))
 		}
 	}
 	var stacked, missing []string

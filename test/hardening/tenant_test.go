@@ -668,7 +668,7 @@ func (s *tenantSuite) gone(a *tenantVol) []error {
 		return append(errs, err)
 	}
 	for _, m := range ms {
-		if m.MountPoint != filepath.Join(s.other.box, "base", "rootfs.ext4") {
+		if m.MountPoint != filepath.Join(s.other.box, "base") && m.MountPoint != filepath.Join(s.other.box, "box.json") {
 			errs = append(errs, fmt.Errorf("mount left in the home: %s", m.MountPoint))
 		}
 	}
@@ -717,6 +717,34 @@ func (s *tenantSuite) invariants(a *tenantVol) []error {
 	return errs
 }
 
+// isOwnedMount says whether mp is where stage mounts a plugin-owned file
+// in a view of a box.
+func isOwnedMount(mp string) bool {
+	return strings.HasSuffix(mp, "/base") || strings.HasSuffix(mp, "/box.json")
+}
+
+// checkOwnedMount checks a mount of a plugin-owned file of volume id: it
+// is read-only and shows the plugin's own file, the base directory
+// holding the volume's base (dev, ino), or its manifest.
+func (s *tenantSuite) checkOwnedMount(m mount.MountInfo, id string, dev, ino uint64) error {
+	if !readOnly(m) {
+		return fmt.Errorf("mount %s is writable (options %v)", m.MountPoint, m.MountOptions)
+	}
+	var st unix.Stat_t
+	if strings.HasSuffix(m.MountPoint, "/base") {
+		if err := unix.Lstat(filepath.Join(m.MountPoint, "rootfs.ext4"), &st); err != nil || st.Dev != dev || st.Ino != ino {
+			return fmt.Errorf("base mount %s does not hold the volume's own base (inode %d, want %d; root %s; %v)", m.MountPoint, st.Ino, ino, m.Root, err)
+		}
+		return nil
+	}
+	var mine unix.Stat_t
+	owned := filepath.Join(s.home, "volumes", id+".box.json")
+	if err := unix.Lstat(m.MountPoint, &st); err != nil || unix.Lstat(owned, &mine) != nil || st.Dev != mine.Dev || st.Ino != mine.Ino {
+		return fmt.Errorf("box.json mount %s does not show the plugin's %s (root %s; %v)", m.MountPoint, owned, m.Root, err)
+	}
+	return nil
+}
+
 // checkMounts compares the mount table under the test's directory with
 // what kubelet's requests explain.
 func (s *tenantSuite) checkMounts(a *tenantVol) []error {
@@ -750,11 +778,11 @@ func (s *tenantSuite) checkMounts(a *tenantVol) []error {
 		d, i := ino(mp)
 		switch {
 		case wantB[mp]:
-			isBase := strings.HasSuffix(mp, "/rootfs.ext4")
-			if isBase && (!readOnly(m) || d != s.otherDev || i != s.otherIno) {
-				errs = append(errs, fmt.Errorf("tenant B's base mount %s is not B's base read-only (inode %d, options %v)", mp, i, m.MountOptions))
-			}
-			if !isBase && (d != otherBoxDev || i != otherBoxIno) {
+			if isOwnedMount(mp) {
+				if err := s.checkOwnedMount(m, s.other.id, s.otherDev, s.otherIno); err != nil {
+					errs = append(errs, fmt.Errorf("tenant B's %w", err))
+				}
+			} else if d != otherBoxDev || i != otherBoxIno {
 				errs = append(errs, fmt.Errorf("tenant B's mount %s does not show B's box", mp))
 			}
 		case a != nil && ((mp == a.staging && a.staged) || (mp == a.target && a.published)):
@@ -762,9 +790,15 @@ func (s *tenantSuite) checkMounts(a *tenantVol) []error {
 				errs = append(errs, fmt.Errorf("tenant A's mount %s does not show A's box (inode %d, box %d)", mp, i, boxIno))
 			}
 		case a != nil && (testenv.Within(mp, a.box) || testenv.Within(mp, a.staging) || testenv.Within(mp, a.target)):
+			var err error
+			if !isOwnedMount(mp) {
+				err = fmt.Errorf("mount %s is neither base/ nor box.json (root %s)", mp, m.Root)
+			} else {
+				err = s.checkOwnedMount(m, a.id, a.baseDev, a.baseIno)
+			}
 			switch {
-			case d != a.baseDev || i != a.baseIno || !readOnly(m):
-				errs = append(errs, fmt.Errorf("mount %s in tenant A's paths is not A's own read-only base (inode %d, want %d; options %v; root %s)", mp, i, a.baseIno, m.MountOptions, m.Root))
+			case err != nil:
+				errs = append(errs, fmt.Errorf("in tenant A's paths: %w", err))
 			case testenv.Within(mp, a.box) && !a.staged:
 				errs = append(errs, fmt.Errorf("base mount %s left in tenant A's unstaged box", mp))
 			case testenv.Within(mp, a.box):

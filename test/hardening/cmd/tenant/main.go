@@ -198,18 +198,23 @@ func (a *attacker) refused(what string, err error, want ...unix.Errno) bool {
 }
 
 // renameBase: mv base base.old; mkdir base; ln -s <host file> base/rootfs.ext4.
-// The read-only base mount moves along with its directory.
+// base/ is a read-only mount point of a directory the plugin owns, so
+// the pod can neither move it nor put anything in it.
 func (a *attacker) renameBase() {
 	base := a.path("base")
-	a.do("mv base base.old", os.Rename(base, base+".old"))
-	a.do("mkdir base", os.Mkdir(base, 0o755))
-	a.do("ln -s "+*secret+" base/rootfs.ext4", os.Symlink(*secret, filepath.Join(base, "rootfs.ext4")))
+	a.refused("mv base base.old", os.Rename(base, base+".old"), unix.EBUSY)
+	a.refused("rm -r base", os.RemoveAll(base), unix.EBUSY, unix.EROFS)
+	a.refused("ln -s "+*secret+" base/evil", os.Symlink(*secret, filepath.Join(base, "evil")), unix.EROFS)
+	a.refused("mv base/rootfs.ext4 base/x", os.Rename(filepath.Join(base, "rootfs.ext4"), filepath.Join(base, "x")), unix.EROFS)
 }
 
+// fifoManifest: rm box.json; mkfifo box.json. box.json is a read-only
+// mount point of the plugin's own copy.
 func (a *attacker) fifoManifest() {
 	p := a.path("box.json")
-	a.do("rm box.json", os.Remove(p))
-	a.do("mkfifo box.json", unix.Mkfifo(p, 0o644))
+	a.refused("rm box.json", os.Remove(p), unix.EBUSY)
+	a.refused("mv disks/guest-rootfs.qcow2 box.json", os.Rename(a.path("disks/guest-rootfs.qcow2"), p), unix.EBUSY)
+	a.refused("write box.json", os.WriteFile(p, []byte("{}"), 0o644), unix.EROFS)
 }
 
 func (a *attacker) fifoOverlay() {
@@ -250,7 +255,9 @@ func (a *attacker) editManifest() {
 	if !a.do("encode box.json", err) {
 		return
 	}
-	a.do("write box.json (other tenant's digest "+*digest+", oci:/etc, ephemeral)", os.WriteFile(p, b, 0o644))
+	a.refused("write box.json (other tenant's digest "+*digest+", oci:/etc, ephemeral)", os.WriteFile(p, b, 0o644), unix.EROFS)
+	a.do("write forged.json with the same", os.WriteFile(a.path("forged.json"), b, 0o644))
+	a.refused("mv forged.json box.json", os.Rename(a.path("forged.json"), p), unix.EBUSY)
 	a.do("rm disks/guest-rootfs.qcow2", os.Remove(a.path("disks/guest-rootfs.qcow2")))
 }
 
@@ -281,24 +288,31 @@ func (a *attacker) plant() {
 			targets[fmt.Sprintf("evil-link-%d", i)] = l
 		}
 	}
-	manifest, overlay := a.path("box.json"), a.path("disks/guest-rootfs.qcow2")
+	overlay := a.path("disks/guest-rootfs.qcow2")
 	for _, d := range dirs {
 		rel, _ := filepath.Rel(a.target, d)
+		if rel == "base" {
+			// The plugin's read-only base directory.
+			a.refused("plant a symlink in base/", os.Symlink(*secret, filepath.Join(d, "evil-secret")), unix.EROFS)
+			a.refused("plant a FIFO in base/", unix.Mkfifo(filepath.Join(d, "evil.fifo"), 0o666), unix.EROFS)
+			continue
+		}
 		var errs []error
 		for name, to := range targets {
 			errs = append(errs, os.Symlink(to, filepath.Join(d, name)))
 		}
 		errs = append(errs, unix.Mkfifo(filepath.Join(d, "evil.fifo"), 0o666))
 		errs = append(errs, plantSocket(d, "evil.sock"))
-		errs = append(errs, os.Link(manifest, filepath.Join(d, "evil-hard-box.json")))
 		errs = append(errs, os.Link(overlay, filepath.Join(d, "evil-hard-overlay")))
-		a.do(fmt.Sprintf("plant %d symlinks, a FIFO, a socket and 2 hard links in %s/", len(targets), rel), errors.Join(errs...))
+		a.do(fmt.Sprintf("plant %d symlinks, a FIFO, a socket and a hard link in %s/", len(targets), rel), errors.Join(errs...))
 	}
 	// Names like the plugin's own temp files and set-aside boxes.
-	for _, p := range []string{".box.json.tmp-evil", "disks/.guest-rootfs.qcow2.tmp-evil", "tmp/evil.ext4.tmp", "base/.rootfs.ext4.tmp-evil"} {
+	for _, p := range []string{".box.json.tmp-evil", "disks/.guest-rootfs.qcow2.tmp-evil", "tmp/evil.ext4.tmp"} {
 		a.do("ln -s "+*secret+" "+p, os.Symlink(*secret, a.path(p)))
 	}
+	a.refused("ln -s "+*secret+" base/.rootfs.ext4.tmp-evil", os.Symlink(*secret, a.path("base/.rootfs.ext4.tmp-evil")), unix.EROFS)
 	a.refused("ln base/rootfs.ext4 evil-hard-base (a writable name for the shared base)", os.Link(a.path("base/rootfs.ext4"), a.path("evil-hard-base")), unix.EXDEV)
+	a.refused("ln box.json evil-hard-box.json (a writable name for the plugin's manifest)", os.Link(a.path("box.json"), a.path("evil-hard-box.json")), unix.EXDEV)
 	err = unix.Mknod(a.path("evil-null"), unix.S_IFCHR|0o666, int(unix.Mkdev(1, 3)))
 	if a.refused("mknod evil-null c 1 3", err, unix.EPERM) {
 		fmt.Println("note device nodes are not planted: a tenant holds no CAP_MKNOD (by design)")
@@ -363,29 +377,44 @@ func (a *attacker) mount() {
 	if !userns {
 		perm = []unix.Errno{unix.EPERM}
 	}
-	a.refused("mount -o remount,rw base/rootfs.ext4", a.run(*mountPath, "-o", "remount,rw", base))
-	a.refused("mount(MS_REMOUNT|MS_BIND) base/rootfs.ext4 without MS_RDONLY", unix.Mount("", base, "", unix.MS_REMOUNT|unix.MS_BIND, ""), unix.EPERM)
-	a.refused("mount(MS_REMOUNT) the base's superblock read-write", unix.Mount("", base, "", unix.MS_REMOUNT, ""), unix.EPERM)
-	a.refused("umount base/rootfs.ext4 (uncovering the writable inode)", unix.Unmount(base, 0), append(perm, unix.EINVAL)...)
-	a.refused("umount -l base/rootfs.ext4", unix.Unmount(base, unix.MNT_DETACH), append(perm, unix.EINVAL)...)
-	if fd, err := unix.Open(base, unix.O_PATH|unix.O_CLOEXEC, 0); a.do("open base/rootfs.ext4 O_PATH", err) {
-		attr := unix.MountAttr{Attr_clr: unix.MOUNT_ATTR_RDONLY}
-		a.refused("mount_setattr(base, clear MOUNT_ATTR_RDONLY)", unix.MountSetattr(fd, "", unix.AT_EMPTY_PATH, &attr), unix.EPERM)
-		unix.Close(fd)
+	// The plugin's two read-only mounts in the box.
+	for _, rel := range []string{"base", "box.json"} {
+		p := a.path(rel)
+		a.refused("mount -o remount,rw "+rel, a.run(*mountPath, "-o", "remount,rw", p))
+		a.refused("mount(MS_REMOUNT|MS_BIND) "+rel+" without MS_RDONLY", unix.Mount("", p, "", unix.MS_REMOUNT|unix.MS_BIND, ""), unix.EPERM)
+		a.refused("mount(MS_REMOUNT) the superblock under "+rel+" read-write", unix.Mount("", p, "", unix.MS_REMOUNT, ""), unix.EPERM)
+		a.refused("umount "+rel+" (uncovering the box's own copy)", unix.Unmount(p, 0), append(perm, unix.EINVAL)...)
+		a.refused("umount -l "+rel, unix.Unmount(p, unix.MNT_DETACH), append(perm, unix.EINVAL)...)
+		if fd, err := unix.Open(p, unix.O_PATH|unix.O_CLOEXEC, 0); a.do("open "+rel+" O_PATH", err) {
+			attr := unix.MountAttr{Attr_clr: unix.MOUNT_ATTR_RDONLY}
+			a.refused("mount_setattr("+rel+", clear MOUNT_ATTR_RDONLY)", unix.MountSetattr(fd, "", unix.AT_EMPTY_PATH, &attr), unix.EPERM)
+			unix.Close(fd)
+		}
 	}
-	// The box mount without its nested read-only base would show the
-	// shared base's inode writable.
-	for _, src := range []string{a.target, a.path("base")} {
-		rel, _ := filepath.Rel(a.target, src)
-		err := unix.Mount(src, a.path("tmp"), "", unix.MS_BIND, "")
-		if a.refused("mount --bind (not recursive) "+rel+" tmp", err, append(perm, unix.EINVAL)...) == false && err == nil {
-			a.writeRefused(filepath.Join(a.path("tmp"), strings.TrimPrefix(strings.TrimPrefix(base, src), "/")), "base through the bind")
-			unix.Unmount(a.path("tmp"), unix.MNT_DETACH)
-		}
-		tree, err := unix.OpenTree(unix.AT_FDCWD, src, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC)
-		if a.refused("open_tree(OPEN_TREE_CLONE, not recursive) "+rel, err, append(perm, unix.EINVAL)...) == false && err == nil {
-			unix.Close(tree)
-		}
+	// The box mount without its nested read-only mounts would show the
+	// box's own base link, the shared base's inode, writable.
+	err := unix.Mount(a.target, a.path("tmp"), "", unix.MS_BIND, "")
+	if a.refused("mount --bind (not recursive) . tmp", err, append(perm, unix.EINVAL)...) == false && err == nil {
+		a.writeRefused(filepath.Join(a.path("tmp"), "base", "rootfs.ext4"), "base through the bind")
+		unix.Unmount(a.path("tmp"), unix.MNT_DETACH)
+	}
+	tree, err := unix.OpenTree(unix.AT_FDCWD, a.target, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC)
+	if a.refused("open_tree(OPEN_TREE_CLONE, not recursive) .", err, append(perm, unix.EINVAL)...) == false && err == nil {
+		unix.Close(tree)
+	}
+	// base/ is a mount of its own: a copy of it (in a user namespace) is a
+	// copy of a locked read-only mount, read-only still.
+	err = unix.Mount(a.path("base"), a.path("tmp"), "", unix.MS_BIND, "")
+	switch {
+	case !userns:
+		a.refused("mount --bind base tmp", err, unix.EPERM)
+	case err != nil:
+		fmt.Printf("ok   mount --bind base tmp: refused: %v\n", err)
+	default:
+		fmt.Println("ok   mount --bind base tmp: allowed in the tenant's namespace, a copy of the locked read-only mount")
+		a.writeRefused(filepath.Join(a.path("tmp"), "rootfs.ext4"), "base through a copy of base/")
+		a.refused("mount(MS_REMOUNT|MS_BIND) the copy of base/ without MS_RDONLY", unix.Mount("", a.path("tmp"), "", unix.MS_REMOUNT|unix.MS_BIND, ""), unix.EPERM)
+		unix.Unmount(a.path("tmp"), unix.MNT_DETACH)
 	}
 	// Binding anything: refused outright without CAP_SYS_ADMIN; in a user
 	// namespace it is allowed in the tenant's own mount namespace only
@@ -417,6 +446,7 @@ func (a *attacker) mount() {
 		unix.Close(mfd)
 	}
 	a.writeRefused(base, "base/rootfs.ext4")
+	a.writeRefused(a.path("box.json"), "box.json")
 	var sfs unix.Statfs_t
 	if a.do("statfs base/rootfs.ext4", unix.Statfs(base, &sfs)) && sfs.Flags&unix.ST_RDONLY == 0 {
 		a.do("base/rootfs.ext4 still read-only", fmt.Errorf("statfs flags %#x lack ST_RDONLY", sfs.Flags))
