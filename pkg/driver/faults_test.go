@@ -641,7 +641,7 @@ func TestFaultBaseDeleted(t *testing.T) {
 			unstageVolume(t, p, id, staging)
 			before := statID(t, box.GuestRootfsDiskPath())
 			beforeSum := fileSum(t, box.GuestRootfsDiskPath())
-			cached := dirEntries(t, p.d.home.Images().DiskImagesDir())
+			cached := cachedBases(t, p.d.home)
 			if len(cached) != 1 {
 				t.Fatalf("cache holds %v, want one base", cached)
 			}
@@ -682,7 +682,7 @@ func TestFaultBaseDeleted(t *testing.T) {
 				if _, err := os.Lstat(box.BasePath()); !errors.Is(err, os.ErrNotExist) {
 					t.Errorf("a refused stage recreated the base link: %v", err)
 				}
-				if n := dirEntries(t, p.d.home.Images().DiskImagesDir()); len(n) != 0 {
+				if n := cachedBases(t, p.d.home); len(n) != 0 {
 					t.Errorf("a refused stage rebuilt the base: %v", n)
 				}
 			}

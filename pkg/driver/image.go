@@ -2,12 +2,16 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"time"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
 
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/source"
@@ -22,23 +26,25 @@ const resolveTimeout = 60 * time.Second
 // over.
 const dockerConfigSecretKey = ".dockerconfigjson"
 
-// resolve pins the image to a digest. Credentials come from the call's
-// secrets (a dockerconfigjson payload) first, then from the node's docker
-// config.
-func (d *Driver) resolve(ctx context.Context, p volumeParams, secrets map[string]string, inline bool) (*source.Image, error) {
+// newRecord resolves the image the parameters name and returns the
+// record of a new volume for it. The caller fills in name and capacity.
+//
+// Resolving with the caller's credentials is what stops a caller from
+// being handed a cached base it may not pull: the cache is keyed by
+// digest, so naming another tenant's digest must still get past the
+// registry. Under pullPolicy Never no registry is asked; cachedRecord
+// applies the rule instead.
+func (d *Driver) newRecord(ctx context.Context, id string, p volumeParams, params, secrets map[string]string, inline bool) (*volumeRecord, error) {
 	ref, err := source.Parse(p.Image)
 	if err != nil {
 		return nil, err
 	}
-	return source.Resolve(ctx, ref, d.sourceOptions(p, secrets, inline))
-}
-
-// newRecord resolves the image the parameters name and returns the
-// record of a new volume for it. The caller fills in name and capacity.
-func (d *Driver) newRecord(ctx context.Context, id string, p volumeParams, params, secrets map[string]string, inline bool) (*volumeRecord, error) {
+	if p.PullPolicy == PullNever && ref.Transport() == source.TransportRegistry {
+		return d.cachedRecord(ctx, id, ref, p, params, inline)
+	}
 	rctx, cancel := context.WithTimeout(ctx, resolveTimeout)
 	defer cancel()
-	img, err := d.resolve(rctx, p, secrets, inline)
+	img, err := source.Resolve(rctx, ref, d.sourceOptions(p, secrets, inline))
 	if err != nil {
 		return nil, err
 	}
@@ -46,6 +52,7 @@ func (d *Driver) newRecord(ctx context.Context, id string, p volumeParams, param
 	if err != nil {
 		return nil, err
 	}
+	d.repairBaseInfo(ctx, img, cfg)
 	return &volumeRecord{
 		Version:  recordVersion,
 		VolumeID: id,
@@ -55,6 +62,96 @@ func (d *Driver) newRecord(ctx context.Context, id string, p volumeParams, param
 		Pinned:   img.Pinned,
 		Config:   cfg,
 	}, nil
+}
+
+// cachedRecord is newRecord under pullPolicy Never for a registry image:
+// it contacts no registry, so the volume can be created on an air-gapped
+// node, and takes the image config from the record kept with the cached
+// base. Without a registry there is no way to check the caller's
+// credentials, so a base is handed out only when that check is not
+// needed: the image was served anonymously when it was pulled, or the
+// volume comes from a StorageClass, which the admin writes. An inline
+// volume is written by whoever writes the pod.
+func (d *Driver) cachedRecord(ctx context.Context, id string, ref source.Ref, p volumeParams, params map[string]string, inline bool) (*volumeRecord, error) {
+	want := ref.Digest()
+	key := rootfs.Key{Digest: want, Builder: d.builder.Version()}
+	refuse := func(why, fix string) error {
+		return status.Errorf(codes.FailedPrecondition, "image %s (%s): %s, and pullPolicy is %s, so no registry is asked; %s", p.Image, want, why, PullNever, fix)
+	}
+	rewrite := fmt.Sprintf("a volume of this image with pullPolicy %s writes the record", PullIfNotPresent)
+	var info rootfs.BaseInfo
+	cached := false
+	if key.Validate() == nil {
+		_, ok, err := d.cache.Lookup(key)
+		if err != nil {
+			return nil, err
+		}
+		cached = ok
+	}
+	if cached {
+		bi, err := d.cache.Info(key)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			return nil, refuse(fmt.Sprintf("the node cache holds its base but no record of how it was pulled (%s; bases cached by an earlier release have none)", d.cache.InfoPath(key)), rewrite)
+		case err != nil:
+			klog.FromContext(ctx).Error(err, "Unusable base record", "image", p.Image, "digest", want)
+			return nil, refuse(fmt.Sprintf("the node cache holds its base, but the record of how it was pulled is unusable (%v)", err), rewrite)
+		}
+		info = bi
+	} else {
+		// The digest may name an index whose image for this node was
+		// cached under its own manifest digest.
+		b, bi, ok, err := d.cache.FindByIndex(want, d.builder.Version())
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			return nil, refuse("the node cache has no base for it", fmt.Sprintf("create a volume of it with pullPolicy %s first", PullIfNotPresent))
+		}
+		key, info = b.Key, bi
+	}
+	if inline && !info.Anonymous {
+		return nil, status.Errorf(codes.PermissionDenied, "inline volume image %s (%s) is in the node cache, but it was pulled with credentials (or from a local path), and with pullPolicy %s the plugin cannot check that this pod may pull it; use pullPolicy %s with a pull secret that can pull it (nodePublishSecretRef), or a StorageClass", p.Image, want, PullNever, PullIfNotPresent)
+	}
+	return &volumeRecord{
+		Version:  recordVersion,
+		VolumeID: id,
+		Params:   userParams(params),
+		Image:    p.Image,
+		Digest:   key.Digest,
+		Pinned:   ref.PinnedTo(key.Digest),
+		Config:   info.Config,
+	}, nil
+}
+
+// repairBaseInfo gives a cached base that has no usable record (one
+// cached by an earlier release, or a damaged record) a record made from
+// the resolve just done, so that pullPolicy Never can use it afterwards.
+// It records the image as not anonymous: this resolve fetched the
+// manifest and config only, which says nothing about who may pull the
+// layers. Failing to write it costs only that, so it is logged, not
+// returned.
+func (d *Driver) repairBaseInfo(ctx context.Context, img *source.Image, cfg source.Config) {
+	key := rootfs.Key{Digest: img.Digest.String(), Builder: d.builder.Version()}
+	if key.Validate() != nil {
+		return
+	}
+	_, err := d.cache.Info(key)
+	if err == nil {
+		return
+	}
+	info := rootfs.BaseInfo{Config: cfg}
+	if img.IndexDigest != (v1.Hash{}) {
+		info.IndexDigest = img.IndexDigest.String()
+	}
+	log := klog.FromContext(ctx)
+	ok, werr := d.cache.RecordInfo(key, info)
+	switch {
+	case werr != nil:
+		log.Error(werr, "Cannot record how a cached base was pulled", "image", img.Ref.String(), "digest", key.Digest)
+	case ok:
+		log.Info("Recorded how a cached base was pulled", "image", img.Ref.String(), "digest", key.Digest, "path", d.cache.InfoPath(key), "was", err.Error())
+	}
 }
 
 // sourceOptions are the registry options for a volume. An inline volume
@@ -84,18 +181,72 @@ func (d *Driver) ensureBase(ctx context.Context, m *volumeRecord, p volumeParams
 	if p.PullPolicy == PullNever {
 		return rootfs.Base{}, status.Errorf(codes.FailedPrecondition, "base for %s (%s) is not in the node cache and pullPolicy is %s", m.Image, m.Digest, PullNever)
 	}
-	return d.cache.Ensure(ctx, key, func(ctx context.Context, out *os.File) error {
+	return d.cache.Ensure(ctx, key, func(ctx context.Context, out *os.File) (rootfs.BaseInfo, error) {
 		ref, err := source.Parse(m.Pinned)
 		if err != nil {
-			return err
+			return rootfs.BaseInfo{}, err
 		}
 		img, err := source.Resolve(ctx, ref, d.sourceOptions(p, secrets, m.Ephemeral))
 		if err != nil {
-			return err
+			return rootfs.BaseInfo{}, err
 		}
 		if got := img.Digest.String(); got != m.Digest {
-			return fmt.Errorf("image %s resolved to %s, but the volume was created for %s", m.Pinned, got, m.Digest)
+			return rootfs.BaseInfo{}, fmt.Errorf("image %s resolved to %s, but the volume was created for %s", m.Pinned, got, m.Digest)
 		}
-		return d.builder.Build(ctx, img.V1, out)
+		if err := d.builder.Build(ctx, img.V1, out); err != nil {
+			return rootfs.BaseInfo{}, err
+		}
+		cfg, err := img.Config()
+		if err != nil {
+			return rootfs.BaseInfo{}, err
+		}
+		return rootfs.BaseInfo{
+			IndexDigest: indexDigestOf(m),
+			Anonymous:   d.servedAnonymously(ctx, img, p),
+			Config:      cfg,
+		}, nil
 	})
+}
+
+// indexDigestOf is the digest of the index the volume's image was picked
+// from, when the volume names its image by a digest other than the
+// manifest's (the record was made by resolving that reference), so that
+// pullPolicy Never finds the base by the digest users write.
+func indexDigestOf(m *volumeRecord) string {
+	ref, err := source.Parse(m.Image)
+	if err != nil || !ref.IsDigest() || ref.Digest() == m.Digest {
+		return ""
+	}
+	return ref.Digest()
+}
+
+// servedAnonymously tells whether the registry hands img to anyone. If no
+// credentials were sent for it, it does. Otherwise one manifest HEAD with
+// no credentials finds out: a node that holds credentials for a registry
+// sends them for its public images too, and those should be shared under
+// pullPolicy Never like any public image. Any failure answers no, which
+// only keeps the base from inline volumes that cannot be checked.
+func (d *Driver) servedAnonymously(ctx context.Context, img *source.Image, p volumeParams) bool {
+	if img.Ref.Transport() != source.TransportRegistry {
+		return false
+	}
+	if img.Anonymous {
+		return true
+	}
+	ref, err := source.Parse(img.Pinned)
+	if err != nil {
+		return false
+	}
+	cctx, cancel := context.WithTimeout(ctx, resolveTimeout)
+	defer cancel()
+	opts := source.Options{
+		NoNodeCredentials:     true,
+		PlainHTTP:             p.PlainHTTP,
+		InsecureSkipTLSVerify: p.InsecureSkipTLSVerify,
+		RetryBackoff:          d.cfg.RegistryRetry,
+		Transports:            d.transports,
+	}
+	err = source.Check(cctx, ref, opts)
+	klog.FromContext(ctx).V(2).Info("Checked whether an image pulled with credentials is public", "image", img.Pinned, "public", err == nil, "answer", err)
+	return err == nil
 }

@@ -274,7 +274,7 @@ func BenchmarkWarmBox(b *testing.B) {
 		b.Fatal(err)
 	}
 	k := Key{Digest: fmt.Sprintf("sha256:%064x", 7), Builder: Ext4BuilderVersion}
-	if _, err := c.Ensure(context.Background(), k, func(_ context.Context, out *os.File) error { return out.Truncate(256 << 20) }); err != nil {
+	if _, err := c.Ensure(context.Background(), k, plainBuild(func(_ context.Context, out *os.File) error { return out.Truncate(256 << 20) })); err != nil {
 		b.Fatal(err)
 	}
 	start := time.Now()

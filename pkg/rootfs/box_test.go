@@ -29,9 +29,9 @@ func newTestCache(t *testing.T, baseSize int64) (*Cache, Base) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := c.Ensure(context.Background(), Key{Digest: testDigest, Builder: "t1"}, func(_ context.Context, out *os.File) error {
+	b, err := c.Ensure(context.Background(), Key{Digest: testDigest, Builder: "t1"}, plainBuild(func(_ context.Context, out *os.File) error {
 		return out.Truncate(baseSize)
-	})
+	}))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,8 +18,9 @@ import (
 )
 
 // BuildFunc writes a complete base disk into out, which is an empty file
-// under <home>/tmp. It must honour ctx.
-type BuildFunc func(ctx context.Context, out *os.File) error
+// under <home>/tmp, and returns what is to be recorded with the base (its
+// Digest and Builder are filled in from the key). It must honour ctx.
+type BuildFunc func(ctx context.Context, out *os.File) (BaseInfo, error)
 
 // CacheConfig configures the node cache. Zero fields take the defaults
 // named on each field.
@@ -126,6 +127,7 @@ func NewCache(ctx context.Context, cfg CacheConfig) (*Cache, error) {
 	if err := c.removeStaleTemps(ctx); err != nil {
 		return nil, err
 	}
+	c.removeOrphanInfo(ctx)
 	return c, nil
 }
 
@@ -287,7 +289,8 @@ func (c *Cache) install(ctx context.Context, k Key, build BuildFunc) (Base, erro
 		}
 	}()
 	log.Info("Building base disk", "tmp", tmp.Name())
-	if err := build(ctx, tmp); err != nil {
+	info, err := build(ctx, tmp)
+	if err != nil {
 		return Base{}, fmt.Errorf("rootfs: build base %s: %w", k, err)
 	}
 	// Read-only to every user: the base is shared by all boxes and must
@@ -301,9 +304,19 @@ func (c *Cache) install(ctx context.Context, k Key, build BuildFunc) (Base, erro
 	if err := tmp.Close(); err != nil {
 		return Base{}, fmt.Errorf("rootfs: close %s: %w", tmp.Name(), err)
 	}
+	// The record goes in first, so that no crash leaves a base without
+	// one; a record without its base is removed at start-up.
+	if err := c.writeInfo(k, info); err != nil {
+		return Base{}, err
+	}
 	// RENAME_NOREPLACE: even a bug elsewhere must not swap the bytes under
 	// overlays that already back onto an installed base.
 	if err := unix.Renameat2(unix.AT_FDCWD, tmp.Name(), unix.AT_FDCWD, final, unix.RENAME_NOREPLACE); err != nil {
+		if !errors.Is(err, unix.EEXIST) {
+			if rerr := c.removeInfo(k); rerr != nil {
+				log.Error(rerr, "Cannot remove the record of a base that was not installed; start-up removes it")
+			}
+		}
 		return Base{}, fmt.Errorf("rootfs: install base %s: rename %s: %w", k, tmp.Name(), err)
 	}
 	installed = true
@@ -320,9 +333,10 @@ func (c *Cache) install(ctx context.Context, k Key, build BuildFunc) (Base, erro
 	return b, nil
 }
 
-// removeStaleTemps deletes what killed builds left in tmp/. A temp file
-// whose key lock is held belongs to a live build in another process and is
-// left alone.
+// removeStaleTemps deletes what killed builds left in tmp/: partial bases
+// and their records (both are named after their key). A temp file whose
+// key lock is held belongs to a live build in another process and is left
+// alone.
 func (c *Cache) removeStaleTemps(ctx context.Context) error {
 	dir := c.cfg.Home.TempDir()
 	ents, err := os.ReadDir(dir)

@@ -34,11 +34,11 @@ func newCache(t *testing.T, home string) *Cache {
 
 // countingBuild writes content and counts how often it ran.
 func countingBuild(n *atomic.Int32, content string) BuildFunc {
-	return func(ctx context.Context, out *os.File) error {
+	return plainBuild(func(ctx context.Context, out *os.File) error {
 		n.Add(1)
 		_, err := out.WriteString(content)
 		return err
-	}
+	})
 }
 
 // assertNoTemps fails if tmp/ holds anything: failed and finished builds
@@ -125,7 +125,7 @@ func TestEnsureConcurrentColdCallersShareOneBuild(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			b, err := c.Ensure(context.Background(), testKey(2), build)
+			b, err := c.Ensure(context.Background(), testKey(2), plainBuild(build))
 			paths[i], errs[i] = b.Path, err
 		}()
 	}
@@ -149,10 +149,10 @@ func TestEnsureConcurrentColdCallersShareOneBuild(t *testing.T) {
 func TestFailedBuildIsNotCached(t *testing.T) {
 	c := newCache(t, t.TempDir())
 	k := testKey(3)
-	_, err := c.Ensure(context.Background(), k, func(ctx context.Context, out *os.File) error {
+	_, err := c.Ensure(context.Background(), k, plainBuild(func(ctx context.Context, out *os.File) error {
 		out.WriteString("half a disk")
 		return errors.New("registry went away")
-	})
+	}))
 	if err == nil || !strings.Contains(err.Error(), "registry went away") || !strings.Contains(err.Error(), k.String()) {
 		t.Fatalf("err = %v", err)
 	}
@@ -183,7 +183,7 @@ func TestBuildOutlivesCallerContext(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
-	_, err := c.Ensure(ctx, k, build)
+	_, err := c.Ensure(ctx, k, plainBuild(build))
 	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "continues in the background") {
 		t.Fatalf("err = %v, want the caller's deadline", err)
 	}
@@ -193,7 +193,7 @@ func TestBuildOutlivesCallerContext(t *testing.T) {
 	// A retry joins the same build rather than starting another.
 	done := make(chan error)
 	go func() {
-		_, err := c.Ensure(context.Background(), k, build)
+		_, err := c.Ensure(context.Background(), k, plainBuild(build))
 		done <- err
 	}()
 	close(release)
@@ -222,7 +222,7 @@ func TestTwoCachesOnOneHomeBuildOnce(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if _, err := c.Ensure(context.Background(), testKey(5), build); err != nil {
+			if _, err := c.Ensure(context.Background(), testKey(5), plainBuild(build)); err != nil {
 				t.Error(err)
 			}
 		}()
@@ -259,11 +259,11 @@ func TestMain(m *testing.M) {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(3)
 		}
-		_, err = c.Ensure(context.Background(), testKey(6), func(ctx context.Context, out *os.File) error {
+		_, err = c.Ensure(context.Background(), testKey(6), plainBuild(func(ctx context.Context, out *os.File) error {
 			out.WriteString("half a disk")
 			out.Sync()
 			select {}
-		})
+		}))
 		fmt.Fprintln(os.Stderr, "hanging build returned:", err)
 		os.Exit(4)
 	}
@@ -343,7 +343,7 @@ func TestConcurrentBuildsAreLimited(t *testing.T) {
 	errs := make(chan error, 5)
 	for i := range 5 {
 		go func() {
-			_, err := c.Ensure(ctx, testKey(100+i), build)
+			_, err := c.Ensure(ctx, testKey(100+i), plainBuild(build))
 			errs <- err
 		}()
 	}
@@ -390,11 +390,11 @@ func TestQueuedBuildHonoursItsTimeout(t *testing.T) {
 	holder := make(chan error)
 	go func() {
 		// Holds the slot past its timeout, as a build stuck in a syscall would.
-		_, err := c.Ensure(context.Background(), testKey(200), func(_ context.Context, out *os.File) error {
+		_, err := c.Ensure(context.Background(), testKey(200), plainBuild(func(_ context.Context, out *os.File) error {
 			close(started)
 			<-release
 			return nil
-		})
+		}))
 		holder <- err
 	}()
 	<-started

@@ -271,6 +271,11 @@ func (c *Cache) evictOne(b cachedBase) (int64, error) {
 	if err := os.Remove(b.path); err != nil {
 		return 0, fmt.Errorf("rootfs: evict %s: %w", b.path, err)
 	}
+	// The record goes with its base. Should this fail, start-up removes
+	// the record of a base that is gone.
+	if err := c.removeInfo(b.key); err != nil {
+		return 0, fmt.Errorf("rootfs: evict %s: %w", b.path, err)
+	}
 	return st.Blocks * 512, nil
 }
 

@@ -34,10 +34,10 @@ func smallHome(t *testing.T, size string) string {
 // fill installs a base of n MiB of real (allocated) bytes, last used age ago.
 func fill(t *testing.T, c *Cache, k Key, mib int, age time.Duration) Base {
 	t.Helper()
-	b, err := c.Ensure(context.Background(), k, func(_ context.Context, out *os.File) error {
+	b, err := c.Ensure(context.Background(), k, plainBuild(func(_ context.Context, out *os.File) error {
 		_, err := out.Write(make([]byte, mib<<20))
 		return err
-	})
+	}))
 	if err != nil {
 		t.Fatal(err)
 	}

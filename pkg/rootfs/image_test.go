@@ -41,7 +41,7 @@ func resolve(t testing.TB, ctx context.Context, ref string) (*source.Image, erro
 // buildFrom is the BuildFunc the driver uses: resolve inside the build, so
 // joined callers fetch nothing.
 func buildFrom(t testing.TB, ref string, builds *atomic.Int32) BuildFunc {
-	return func(ctx context.Context, out *os.File) error {
+	return plainBuild(func(ctx context.Context, out *os.File) error {
 		if builds != nil {
 			builds.Add(1)
 		}
@@ -50,7 +50,7 @@ func buildFrom(t testing.TB, ref string, builds *atomic.Int32) BuildFunc {
 			return err
 		}
 		return (&Ext4Builder{}).Build(ctx, img.V1, out)
-	}
+	})
 }
 
 func needTool(t testing.TB, name string) string {

@@ -5,7 +5,10 @@
 // <home>/tmp, synced and renamed into place exactly once per key, with a
 // per-key flock under <home>/locks serialising builders across processes.
 // A base never changes once installed: a new builder version gets a new
-// key, and eviction only unlinks files nobody references.
+// key, and eviction only unlinks files nobody references. Beside each base
+// is its record (info.go): its image config and whether its image was
+// served anonymously, which decides who may be handed it without asking a
+// registry.
 package rootfs
 
 import (

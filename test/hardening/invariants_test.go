@@ -71,13 +71,32 @@ func (c *diskChecker) check(ctx context.Context) []error {
 	if err != nil {
 		errs = append(errs, fmt.Errorf("list %s: %w", images, err))
 	}
+	present := map[string]bool{}
+	for _, e := range ents {
+		present[e.Name()] = true
+	}
 	for _, e := range ents {
 		p := filepath.Join(images, e.Name())
-		if !strings.HasSuffix(e.Name(), ".ext4") {
+		switch {
+		case strings.HasSuffix(e.Name(), ".ext4"):
+			// The record is written before the base is installed, so
+			// no crash leaves a base without one.
+			if !present[e.Name()+".json"] {
+				errs = append(errs, fmt.Errorf("base %s has no record beside it", p))
+			}
+			errs = append(errs, c.checkBase(ctx, p)...)
+		case strings.HasSuffix(e.Name(), ".ext4.json"):
+			// A record whose base never got installed (or was evicted)
+			// is removed at start-up.
+			if !present[strings.TrimSuffix(e.Name(), ".json")] {
+				errs = append(errs, fmt.Errorf("base record %s left after start-up without its base", p))
+			}
+			if b, err := os.ReadFile(p); err != nil || !json.Valid(b) {
+				errs = append(errs, fmt.Errorf("base record %s is not complete JSON (read error: %v)", p, err))
+			}
+		default:
 			errs = append(errs, fmt.Errorf("unexpected entry %s in the cache", p))
-			continue
 		}
-		errs = append(errs, c.checkBase(ctx, p)...)
 	}
 
 	boxes := filepath.Join(c.home, "boxes")

@@ -357,6 +357,10 @@ func cacheUsage(home string) (int64, map[uint64]string, error) {
 	var total int64
 	inodes := map[uint64]string{}
 	for _, e := range ents {
+		// Each base has its record beside it; only the disks count.
+		if !strings.HasSuffix(e.Name(), ".ext4") {
+			continue
+		}
 		var st syscall.Stat_t
 		if err := syscall.Lstat(filepath.Join(dir, e.Name()), &st); err != nil {
 			continue // evicted between the listing and the stat

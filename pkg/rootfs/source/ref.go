@@ -94,6 +94,11 @@ func (r Ref) String() string {
 	return ""
 }
 
+// PinnedTo names the image with the given digest in the same place as r,
+// in the form Image.Pinned has: "<registry>/<repo>@<digest>" (fully
+// qualified) or "<transport>:<path>@<digest>".
+func (r Ref) PinnedTo(digest string) string { return r.pinned(digest) }
+
 // pinned returns the reference to the given digest in the same place.
 func (r Ref) pinned(digest string) string {
 	if r.transport == TransportRegistry {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
@@ -37,6 +38,12 @@ type Image struct {
 	// digest. For registries they use the ctx given to Resolve, which must
 	// stay alive until the layers have been read.
 	V1 v1.Image
+	// Anonymous is true when the image came from a registry that served it
+	// to requests carrying no credentials at all: anyone who can reach the
+	// registry can pull it. It is false for local sources, and whenever
+	// credentials were sent, even if the registry did not need them (see
+	// Check to find that out).
+	Anonymous bool
 
 	config *v1.ConfigFile
 }
@@ -85,13 +92,9 @@ func Resolve(ctx context.Context, ref Ref, opts Options) (*Image, error) {
 }
 
 func resolveRegistry(ctx context.Context, ref Ref, opts *Options) (*Image, error) {
-	var nopts []name.Option
-	if opts.PlainHTTP {
-		nopts = append(nopts, name.Insecure)
-	}
-	nref, err := name.ParseReference(ref.raw, nopts...)
+	nref, err := parseRemote(ref, opts)
 	if err != nil {
-		return nil, &InvalidReferenceError{Ref: ref.raw, Reason: err.Error()}
+		return nil, err
 	}
 	repo := nref.Context()
 	registry := repo.RegistryStr()
@@ -105,20 +108,12 @@ func resolveRegistry(ctx context.Context, ref Ref, opts *Options) (*Image, error
 	withLayers := func(img *Image, err error) (*Image, error) {
 		if err == nil {
 			img.V1 = &registryImage{Image: img.V1, wrap: func(err error) error { return wrap(ref, registry, cred, err) }}
+			img.Anonymous = cred.source == ""
 		}
 		return img, err
 	}
 
-	ropts := []remote.Option{
-		remote.WithTransport(opts.roundTripper()),
-		remote.WithAuth(auth),
-		remote.WithPlatform(*opts.Platform),
-		remote.WithUserAgent(userAgent),
-	}
-	if opts.RetryBackoff != nil {
-		ropts = append(ropts, remote.WithRetryBackoff(*opts.RetryBackoff))
-	}
-	puller, err := remote.NewPuller(ropts...)
+	puller, err := remote.NewPuller(opts.remoteOptions(auth)...)
 	if err != nil {
 		return fail(err)
 	}
@@ -204,4 +199,64 @@ func finish(ref Ref, img v1.Image, index v1.Hash, platform *v1.Platform, opts *O
 		out.Platform = v1.Platform{OS: cf.OS, Architecture: cf.Architecture, Variant: cf.Variant, OSVersion: cf.OSVersion}
 	}
 	return out, nil
+}
+
+// parseRemote turns a registry Ref into go-containerregistry's reference,
+// insecure (plain HTTP allowed) only if opts allow it.
+func parseRemote(ref Ref, opts *Options) (name.Reference, error) {
+	var nopts []name.Option
+	if opts.PlainHTTP {
+		nopts = append(nopts, name.Insecure)
+	}
+	nref, err := name.ParseReference(ref.raw, nopts...)
+	if err != nil {
+		return nil, &InvalidReferenceError{Ref: ref.raw, Reason: err.Error()}
+	}
+	return nref, nil
+}
+
+// remoteOptions are the go-containerregistry options every registry
+// request is made with.
+func (o *Options) remoteOptions(auth authn.Authenticator) []remote.Option {
+	ropts := []remote.Option{
+		remote.WithTransport(o.roundTripper()),
+		remote.WithAuth(auth),
+		remote.WithPlatform(*o.Platform),
+		remote.WithUserAgent(userAgent),
+	}
+	if o.RetryBackoff != nil {
+		ropts = append(ropts, remote.WithRetryBackoff(*o.RetryBackoff))
+	}
+	return ropts
+}
+
+// Check asks the registry whether it serves the manifest ref names to the
+// credentials opts pick, with one manifest HEAD (and the authentication
+// handshake before it), fetching nothing else. It returns nil if so, and
+// otherwise an error classified like Resolve's (IsUnauthorized when the
+// registry refuses those credentials). Only registry references can be
+// checked; a local one is an *InvalidReferenceError.
+//
+// The driver uses it to learn whether an image it pulled with credentials
+// is also served anonymously, which decides who else may be handed the
+// base built from it.
+func Check(ctx context.Context, ref Ref, opts Options) error {
+	opts = opts.withDefaults()
+	if ref.transport != TransportRegistry {
+		return &InvalidReferenceError{Ref: ref.String(), Reason: "only registry images can be checked against a registry"}
+	}
+	nref, err := parseRemote(ref, &opts)
+	if err != nil {
+		return err
+	}
+	repo := nref.Context()
+	auth, cred, err := opts.authenticator(repo)
+	if err != nil {
+		return wrap(ref, repo.RegistryStr(), cred, err)
+	}
+	ropts := append(opts.remoteOptions(auth), remote.WithContext(ctx))
+	if _, err := remote.Head(nref, ropts...); err != nil {
+		return wrap(ref, repo.RegistryStr(), cred, err)
+	}
+	return nil
 }
