@@ -25,15 +25,24 @@ func newMounter() *syscallMounter {
 }
 
 // Mount supports what the driver uses: "bind" or "rbind", optionally with
-// "ro". A read-only bind needs a second, remount call: the kernel ignores
-// MS_RDONLY on the bind itself.
+// "ro".
+//
+// The bind is made detached (open_tree), made private and, if asked,
+// read-only, and only then attached (move_mount), so it is never visible
+// writable and never joins the peer group of its source. That matters:
+// the staging path binds the box in the home, and a target binds the
+// staging path, so as peers an unmount of one pod's target would
+// propagate to the base/ and box.json mounts nested in the box, the
+// staging path and every other pod's target, leaving the next pod a
+// writable base/. Once attached below kubelet's directory the bind shares
+// with kubelet's view of it as any mount there does, in a peer group of
+// its own.
 func (m *syscallMounter) Mount(source, target, fstype string, options []string) error {
-	var flags uintptr
+	flags := unix.OPEN_TREE_CLONE | unix.OPEN_TREE_CLOEXEC
 	switch {
 	case slices.Contains(options, "rbind"):
-		flags = unix.MS_BIND | unix.MS_REC
+		flags |= unix.AT_RECURSIVE
 	case slices.Contains(options, "bind"):
-		flags = unix.MS_BIND
 	default:
 		return m.Interface.Mount(source, target, fstype, options)
 	}
@@ -44,16 +53,24 @@ func (m *syscallMounter) Mount(source, target, fstype string, options []string) 
 			return fmt.Errorf("mount %s on %s: unsupported bind option %q", source, target, o)
 		}
 	}
-	if err := unix.Mount(source, target, "", flags, ""); err != nil {
-		return fmt.Errorf("bind mount %s on %s: %w", source, target, err)
+	tree, err := unix.OpenTree(unix.AT_FDCWD, source, uint(flags))
+	if err != nil {
+		return fmt.Errorf("bind mount %s on %s: open_tree: %w", source, target, err)
+	}
+	defer unix.Close(tree)
+	private := unix.MountAttr{Propagation: unix.MS_PRIVATE}
+	if err := unix.MountSetattr(tree, "", unix.AT_EMPTY_PATH|unix.AT_RECURSIVE, &private); err != nil {
+		return fmt.Errorf("bind mount %s on %s: make it private: %w", source, target, err)
 	}
 	if slices.Contains(options, "ro") {
-		// MS_REC is not needed here: nested mounts keep their own flags,
-		// and the nested base is read-only already.
-		if err := unix.Mount("", target, "", flags|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
-			_ = unix.Unmount(target, unix.MNT_DETACH)
-			return fmt.Errorf("remount %s read-only: %w", target, err)
+		// Only the top mount: nested mounts keep their own flags, and the
+		// nested base/ and box.json are read-only already.
+		if err := mountSetReadOnly(tree, target); err != nil {
+			return err
 		}
+	}
+	if err := unix.MoveMount(tree, "", unix.AT_FDCWD, target, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
+		return fmt.Errorf("bind mount %s on %s: move_mount: %w", source, target, err)
 	}
 	return nil
 }
