@@ -79,4 +79,28 @@
 // The superblock is written "clean", with no errors recorded and an empty
 // journal (s_start = 0). The kernel therefore mounts it without recovery,
 // and e2fsck -fn reports nothing.
+//
+// # Growth
+//
+// A box's overlay is larger than the shared base. PlanGrow (grow.go) lists
+// the few blocks that, written into the overlay, grow the base's
+// filesystem to the overlay's size, offline and without e2fsprogs. The
+// base itself stays as it is: growth needs nothing of its layout beyond
+// what the Writer already does.
+//
+// The base's last group is extended. Every group added keeps its bitmaps
+// and inode table inside itself, past the end of the base, where the
+// overlay reads zeros, and is flagged BLOCK_UNINIT, INODE_UNINIT and
+// ITABLE_ZEROED, so none of that is written. The last group is the one
+// exception: e2fsck wants its block bitmap on disk.
+//
+// The classic descriptor table cannot grow, because file data follows it.
+// The reserved area after it is for streaming only, and copying a larger
+// table into every sparse_super backup group would cost a block per 8 GiB
+// per backup group. A filesystem that outgrows the table switches to
+// meta_bg instead, with s_first_meta_bg = the table's size: each further
+// 8 GiB meta-group keeps its one descriptor block in its first group, with
+// copies in its second and last groups. That makes growth to 20 GiB about
+// 30 block writes, to 100 GiB about 60 and to 1 TiB about 410. The guest can
+// grow the result further with resize2fs, online or offline.
 package ext4

@@ -24,6 +24,7 @@ const (
 
 	sInodesCount       = 0x0
 	sBlocksCountLo     = 0x4
+	sRBlocksCountLo    = 0x8
 	sFreeBlocksCountLo = 0xC
 	sFreeInodesCount   = 0x10
 	sFirstDataBlock    = 0x14
@@ -47,15 +48,18 @@ const (
 	sFeatureRoCompat   = 0x64
 	sUUID              = 0x68
 	sVolumeName        = 0x78
+	sReservedGdtBlocks = 0xCE // __le16
 	sJournalInum       = 0xE0
 	sHashSeed          = 0xEC
 	sDefHashVersion    = 0xFC
 	sJnlBackupType     = 0xFD
 	sDescSize          = 0xFE
 	sDefaultMountOpts  = 0x100
+	sFirstMetaBg       = 0x104
 	sMkfsTime          = 0x108
 	sJnlBlocks         = 0x10C // __le32[17]
 	sBlocksCountHi     = 0x150
+	sRBlocksCountHi    = 0x154
 	sFreeBlocksCountHi = 0x158
 	sMinExtraIsize     = 0x15C
 	sWantExtraIsize    = 0x15E
@@ -100,6 +104,7 @@ const (
 	ext4FeatureCompatDirIndex   = 0x20
 
 	ext4FeatureIncompatFiletype = 0x2
+	ext4FeatureIncompatMetaBG   = 0x10 // never in a base; PlanGrow may set it (grow.go)
 	ext4FeatureIncompatExtents  = 0x40
 	ext4FeatureIncompat64bit    = 0x80
 	ext4FeatureIncompatFlexBG   = 0x200
@@ -143,6 +148,12 @@ const (
 	// because none of its inodes is in use. The kernel and e2fsck treat
 	// the bitmap as empty.
 	ext4BGInodeUninit = 0x1
+	// ext4BGBlockUninit marks a group whose block bitmap was never
+	// written. The kernel and e2fsck compute it from the group's own
+	// metadata: its superblock and descriptor copies, and those of its
+	// bitmaps and inode table that lie inside it. PlanGrow sets it on the
+	// groups it adds.
+	ext4BGBlockUninit = 0x2
 	// ext4BGInodeZeroed says the inode table reads as zeros, so the kernel
 	// need not zero it lazily after mounting.
 	ext4BGInodeZeroed = 0x4
