@@ -64,21 +64,36 @@ func sha256File(t testing.TB, path string) string {
 
 type suite struct {
 	c          *cluster
+	bins       binaries
+	root       string  // the repository
+	current    release // the working tree: chart, image and values
+	previous   *release
 	image1     string // busybox:1 in the local registry
 	image2     string // busybox:two, for the shared-base scenario
 	digest1    string
 	digest2    string
 	workDir    string
 	chaincheck string
+	upg        upgradeState
 }
 
 func TestE2E(t *testing.T) {
 	gate(t)
 	start := time.Now()
-	s := &suite{workDir: t.TempDir()}
-	bins := buildBinaries(t)
-	g := buildGuest(t)
 	root := repoRoot(t)
+	s := &suite{workDir: t.TempDir(), root: root}
+	// Checked before the long builds, so that a shallow clone in CI fails
+	// in seconds rather than after the Kubernetes build.
+	prevCommit, prevMissing := previousCommit(root)
+	if prevMissing != nil {
+		if testenv.InCI() {
+			t.Fatalf("the upgrade and rollback steps need the previous release %s in the repository: %v (CI=true: fetch the history, e.g. actions/checkout with fetch-depth: 0)", previousRelease, prevMissing)
+		}
+		t.Logf("previous release %s not available (%v): installing the current release directly and skipping the upgrade and rollback steps", previousRelease, prevMissing)
+	}
+	bins := buildBinaries(t)
+	s.bins = bins
+	g := buildGuest(t)
 	s.chaincheck = filepath.Join(s.workDir, "chaincheck")
 	buildLocal(t, ".", "./cmd/chaincheck", s.chaincheck, "-s -w")
 	pause := filepath.Join(s.workDir, "pause")
@@ -88,6 +103,13 @@ func TestE2E(t *testing.T) {
 	pluginTar := filepath.Join(s.workDir, "plugin.tar")
 	runCmd(t, root, goEnv(), "go", "run", "./hack/image", "-binary", plugin,
 		"-image", pluginImageRepo+":"+pluginImageTag, "-version", "e2e", "-out", pluginTar)
+	s.current = release{name: "current", chart: filepath.Join(root, "charts", "boxlite-csi"), tag: pluginImageTag, version: "e2e"}
+	var prevTar string
+	if prevMissing == nil {
+		var prev release
+		prev, prevTar = buildPrevious(t, root, prevCommit)
+		s.previous = &prev
+	}
 	t.Logf("built everything in %s", time.Since(start).Round(time.Second))
 
 	s.c = startCluster(t, bins)
@@ -95,6 +117,9 @@ func TestE2E(t *testing.T) {
 	t.Logf("cluster up after %s", time.Since(start).Round(time.Second))
 
 	archives := map[string]string{pluginImageRepo + ":" + pluginImageTag: pluginTar}
+	if s.previous != nil {
+		archives[pluginImageRepo+":"+s.previous.tag] = prevTar
+	}
 	for ref, img := range map[string]func() string{
 		"docker.io/" + pauseImage: func() string {
 			p := filepath.Join(s.workDir, "pause.tar")
@@ -126,13 +151,11 @@ func TestE2E(t *testing.T) {
 	s.digest2 = pushImage(t, rootfsImage(t, "two"), s.image2)
 	t.Logf("images ready after %s", time.Since(start).Round(time.Second))
 
-	s.install(t, bins, root)
-	t.Logf("plugin installed after %s", time.Since(start).Round(time.Second))
-
-	steps := []struct {
+	type step struct {
 		name string
 		fn   func(*testing.T)
-	}{
+	}
+	steps := []step{
 		{"PVCPod", s.testPVCPod},
 		{"Ephemeral", s.testEphemeral},
 		{"SharedBase", s.testSharedBase},
@@ -140,6 +163,22 @@ func TestE2E(t *testing.T) {
 		{"PluginRestart", s.testPluginRestart},
 		{"MicroVM", s.testMicroVM},
 	}
+	if s.previous != nil {
+		// The previous release goes in first and makes boxes in its own
+		// layout; the upgrade carries them over, every other step runs on
+		// the current release, and the rollback and roll-forward come
+		// last, when the home holds boxes of both layouts.
+		s.install(t, *s.previous)
+		steps = append([]step{{"Previous", s.testPrevious}, {"Upgrade", s.testUpgrade}}, steps...)
+		steps = append(steps, step{"Rollback", s.testRollback}, step{"RollForward", s.testRollForward})
+	} else {
+		s.install(t, s.current)
+		t.Run("Upgrade", func(t *testing.T) {
+			testenv.Unmet(t, "previous release %s not in the repository: %v", previousRelease, prevMissing)
+		})
+	}
+	t.Logf("plugin installed after %s", time.Since(start).Round(time.Second))
+
 	for _, st := range steps {
 		stepStart := time.Now()
 		if !t.Run(st.name, st.fn) {
@@ -151,9 +190,9 @@ func TestE2E(t *testing.T) {
 	}
 }
 
-// install runs helm install of the repository's chart with the locally
-// built images; only the sidecars that cannot be built here are off.
-func (s *suite) install(t *testing.T, bins binaries, root string) {
+// install runs helm install of a release's chart with the locally built
+// images; only the sidecars that cannot be built here are off.
+func (s *suite) install(t *testing.T, rel release) {
 	c := s.c
 	c.kubectl(t, "create", "namespace", testNamespace)
 	// No kube-proxy on this node, so the ClusterIP of the kubernetes
@@ -166,25 +205,10 @@ func (s *suite) install(t *testing.T, bins binaries, root string) {
 		t.Fatal(err)
 	}
 	c.pki.tokenKubeconfig(t, filepath.Join(sockDir, "e2e-kubeconfig"), "https://"+apiserverAddr)
-	args := []string{"install", releaseName, filepath.Join(root, "charts", "boxlite-csi"),
-		"-n", pluginNamespace, "--create-namespace", "--wait", "--timeout", "5m",
-		"--set", "image.repository=" + pluginImageRepo, "--set", "image.tag=" + pluginImageTag, "--set", "image.pullPolicy=Never",
-		"--set", "kubeletDir=" + c.kubeletDir, "--set", "home=" + c.home,
-		"--set", "registrar.enabled=false", "--set", "livenessProbe.enabled=false",
-		"--set", "provisioner.enabled=true",
-		// The e2e registry on 127.0.0.1 speaks plain HTTP, which inline
-		// volumes may only ask for where the admin allows it.
-		"--set", "inline.allowInsecureRegistries=true",
-		"--set", "provisioner.image.repository=" + provisionerRepo, "--set", "provisioner.image.tag=" + provisionerTag,
-		"--set", "provisioner.image.pullPolicy=Never",
-		"--set", "provisioner.extraArgs[0]=--kubeconfig=/csi/e2e-kubeconfig",
-		"--set", "provisioner.capacityPollInterval=10s",
-		"--set", "storageClass.enabled=true", "--set", "storageClass.name=boxlite",
-		"--set", "storageClass.image=" + s.image1, "--set", "storageClass.plainHTTP=true",
-	}
-	env := append(os.Environ(), "KUBECONFIG="+c.kubeconfig)
-	out := runCmd(t, root, env, bins.helm, args...)
-	t.Logf("helm install:\n%s", tail(out, 1500))
+	args := append([]string{"install", releaseName, rel.chart,
+		"-n", pluginNamespace, "--create-namespace", "--wait", "--timeout", "5m"}, s.values(t, rel)...)
+	out := s.helm(t, args...)
+	t.Logf("helm install of the %s release:\n%s", rel.name, tail(out, 1500))
 	// The plugin registers itself with kubelet; pods can mount only after.
 	waitFor(t, "CSINode lists "+driverName, 90*time.Second, func() (bool, string) {
 		out, _ := c.kubectlErr("get", "csinode", nodeName, "-o", "jsonpath={.spec.drivers[*].name}")
@@ -194,6 +218,51 @@ func (s *suite) install(t *testing.T, bins binaries, root string) {
 		out, _ := c.kubectlErr("get", "csistoragecapacities", "-n", pluginNamespace, "-o", "name")
 		return strings.TrimSpace(out) != "", out
 	})
+}
+
+// values are the --set arguments that install or upgrade rel with the
+// locally built images and the settings the e2e cluster needs. Releases
+// name some keys differently (git diff 64a22be HEAD -- charts/: the
+// livenessprobe block became livenessProbe, inline.* is new), and each
+// chart's schema refuses keys it does not know, so every release gets the
+// names its own values.yaml has.
+func (s *suite) values(t *testing.T, rel release) []string {
+	t.Helper()
+	c := s.c
+	keys := chartKeys(t, rel.chart)
+	probe := "livenessProbe"
+	if !keys[probe] && keys["livenessprobe"] {
+		probe = "livenessprobe"
+	}
+	if !keys[probe] {
+		t.Fatalf("chart %s has neither livenessProbe nor livenessprobe in its values.yaml", rel.chart)
+	}
+	args := []string{
+		"--set", "image.repository=" + pluginImageRepo, "--set", "image.tag=" + rel.tag, "--set", "image.pullPolicy=Never",
+		"--set", "kubeletDir=" + c.kubeletDir, "--set", "home=" + c.home,
+		"--set", "registrar.enabled=false", "--set", probe + ".enabled=false",
+		"--set", "provisioner.enabled=true",
+		"--set", "provisioner.image.repository=" + provisionerRepo, "--set", "provisioner.image.tag=" + provisionerTag,
+		"--set", "provisioner.image.pullPolicy=Never",
+		"--set", "provisioner.extraArgs[0]=--kubeconfig=/csi/e2e-kubeconfig",
+		"--set", "provisioner.capacityPollInterval=10s",
+		"--set", "storageClass.enabled=true", "--set", "storageClass.name=boxlite",
+		"--set", "storageClass.image=" + s.image1, "--set", "storageClass.plainHTTP=true",
+	}
+	if keys["inline"] {
+		// The e2e registry on 127.0.0.1 speaks plain HTTP, which inline
+		// volumes may only ask for where the admin allows it. A release
+		// without inline.* has no such restriction.
+		args = append(args, "--set", "inline.allowInsecureRegistries=true")
+	}
+	return args
+}
+
+// helm runs the helm the e2e built against the e2e cluster.
+func (s *suite) helm(t *testing.T, args ...string) string {
+	t.Helper()
+	env := append(os.Environ(), "KUBECONFIG="+s.c.kubeconfig)
+	return runCmd(t, s.root, env, s.bins.helm, args...)
 }
 
 // podYAML is a tools pod that mounts a box at /box and sleeps.
@@ -389,7 +458,8 @@ reclaimPolicy: Delete
 			t.Errorf("overlay of %s: %v", v, err)
 		}
 	}
-	bases, _ := filepath.Glob(filepath.Join(c.home, "images", "disk-images", "sha256-"+strings.TrimPrefix(digest3, "sha256:")+".*"))
+	// Only the .ext4 files: each base has its record (a .json) beside it.
+	bases, _ := filepath.Glob(filepath.Join(c.home, "images", "disk-images", "sha256-"+strings.TrimPrefix(digest3, "sha256:")+".*.ext4"))
 	if len(bases) != 1 {
 		t.Errorf("cache has %v for %s, want one base", bases, digest3)
 	}
