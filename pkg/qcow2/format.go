@@ -1,7 +1,8 @@
 // Package qcow2 writes and reads the small part of QEMU's qcow2 format that
-// boxlite-csi needs. It creates empty copy-on-write overlays over a backing
-// file, and it reads the header facts that decide whether an existing
-// overlay may be reused.
+// boxlite-csi needs. It creates copy-on-write overlays over a backing file,
+// empty or holding a few writes (the blocks that grow the guest's
+// filesystem), and it reads the header facts that decide whether an
+// existing overlay may be reused.
 //
 // Nothing here runs qemu-img. The on-disk facts follow QEMU's
 // docs/interop/qcow2.txt, and all integers are big-endian.

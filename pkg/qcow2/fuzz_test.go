@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -198,4 +199,80 @@ func TestProbeL1SeedCorpus(t *testing.T) {
 			t.Errorf("%s: %+v, want Empty=%v", name, got, want)
 		}
 	}
+}
+
+// FuzzCreateOverlayWrites creates overlays holding random sets of writes:
+// at random offsets (many near cluster and L2 boundaries, some past the
+// end), of random lengths and contents (zeros among them), overlapping or
+// not, over backings of random length or none. Whatever the writer
+// accepts must have a sound layout (checkOverlay) and read back, through
+// its own tables, as the backing with the writes applied (checkGuest);
+// whatever it refuses must be ErrInvalidOption and leave nothing on disk.
+func FuzzCreateOverlayWrites(f *testing.F) {
+	rec := func(off uint32, shift, flags byte, n uint16, fill byte) []byte {
+		b := binary.LittleEndian.AppendUint32(nil, off)
+		b = append(b, shift, flags)
+		b = binary.LittleEndian.AppendUint16(b, n)
+		return append(b, fill)
+	}
+	cat := func(recs ...[]byte) []byte { return bytes.Join(recs, nil) }
+	f.Add(uint64(1<<30), uint32(1<<20), cat(rec(0, 0, 0, 4096, 1), rec(1, 29, 0, 4096, 2)))
+	f.Add(uint64(20<<30), uint32(3<<20+5), cat(rec(3*ClusterSize-2048, 0, 0, 4096, 3), rec(0, 0, 0, 1, 0)))
+	f.Add(uint64(100<<30), uint32(0), cat(rec(25, 27, 0, 8192, 9), rec(25, 27, 0, 100, 0)))
+	f.Add(uint64(1<<20), uint32(1<<31), cat(rec(0, 0, 0, 10, 1)))
+	f.Add(uint64(1<<20), uint32(1<<20), cat(rec(1<<20, 0, 0, 1, 1)))
+	f.Fuzz(func(t *testing.T, size uint64, backingLen uint32, spec []byte) {
+		// Sizes up to 64 TiB keep the L1 table, which checkOverlay reads
+		// whole, at 1 MiB at most; the largest size has its own test.
+		size %= 64<<40 + 1
+		// A backing of up to 4 MiB, or none when the top bit is set.
+		var backing []byte
+		var r io.ReaderAt
+		if backingLen&(1<<31) == 0 {
+			backing = randomBytes(uint64(backingLen), int(backingLen%(4<<20)))
+			r = bytes.NewReader(backing)
+		}
+		// Each 9-byte record is one write: a 32-bit offset shifted left by
+		// up to 63 bits (wrapped into the disk unless flag 1 is set), a
+		// length of up to 4*65535 bytes (cut to fit the disk if flag 2 is
+		// set) and a fill byte (0 writes zeros).
+		var writes []Write
+		for len(spec) >= 9 && len(writes) < 64 {
+			off := uint64(binary.LittleEndian.Uint32(spec)) << (spec[4] % 64)
+			flags := spec[5]
+			n := int(binary.LittleEndian.Uint16(spec[6:])) * (1 + int(flags>>4)%4)
+			fill := spec[8]
+			spec = spec[9:]
+			if flags&1 == 0 && size > 0 {
+				off %= size
+			}
+			if flags&2 != 0 && off <= size {
+				n = int(min(uint64(n), size-off))
+			}
+			d := make([]byte, n)
+			if fill != 0 {
+				for i := range d {
+					d[i] = fill ^ byte(i*7+len(writes))
+				}
+			}
+			writes = append(writes, Write{Offset: off, Data: d})
+		}
+		dir := t.TempDir()
+		p := filepath.Join(dir, "o.qcow2")
+		opts := OverlayOptions{BackingFile: "base.raw", BackingFormat: FormatRaw, Size: size, NoSync: true,
+			Writes: writes, Backing: r, BackingSize: int64(len(backing))}
+		if err := CreateOverlay(context.Background(), p, opts); err != nil {
+			if !errors.Is(err, ErrInvalidOption) {
+				t.Fatalf("unexpected error kind: %v", err)
+			}
+			if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+				t.Fatalf("refused create left %d entries", len(ents))
+			}
+			return
+		}
+		if _, err := Verify(p, Expect{BackingFile: "base.raw", BackingFormat: FormatRaw}); err != nil {
+			t.Fatalf("wrote an overlay that does not read back: %v", err)
+		}
+		checkGuest(t, p, checkOverlay(t, p), backing, writes)
+	})
 }

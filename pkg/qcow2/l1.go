@@ -38,6 +38,12 @@ type L1Probe struct {
 // of their own) and one whose data lives in an external data file. The
 // error is an *IOError when a read fails; the bytes themselves never make
 // ProbeL1 fail, only decide its answer.
+//
+// Empty means the image maps no cluster at all, whoever wrote it. An
+// overlay that CreateOverlay wrote with OverlayOptions.Writes (one whose
+// filesystem was grown) has L1 entries from the start, so ProbeL1 reports
+// it as possibly holding data even before a guest has run: the L1 table
+// cannot tell the writer's clusters from a guest's.
 func ProbeL1(name string, r io.ReaderAt, size int64) (L1Probe, error) {
 	p := &headerParser{path: name, r: r, fileSize: size}
 	mayHold := func(format string, args ...any) (L1Probe, error) {

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -16,7 +17,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// OverlayOptions describes an empty overlay to create.
+// OverlayOptions describes an overlay to create. The zero values of Writes,
+// Backing and BackingSize give an empty overlay, every read of which falls
+// through to the backing file.
 type OverlayOptions struct {
 	// BackingFile is recorded verbatim. QEMU resolves a relative name
 	// against the overlay's directory, which is what lets a box be moved or
@@ -30,27 +33,125 @@ type OverlayOptions struct {
 	// NoSync skips fsync. The file still appears atomically, but it may
 	// vanish on a crash. It is meant only for tests and benchmarks.
 	NoSync bool
+
+	// Writes are stored in the new overlay as if a guest had made them, one
+	// after the other, on a disk that read as the backing: where two
+	// overlap, the later one wins. Any offset and length are allowed (the
+	// expected use is whole 4 KiB blocks), but every write must end at or
+	// before Size. Data is only read, during the call, and never modified.
+	//
+	// Every cluster a write touches is allocated whole, because QEMU reads
+	// an allocated cluster entirely from the overlay; see Backing. Writing
+	// zeros still allocates the cluster, so the backing's bytes there stop
+	// showing through, but the zeros cost no disk space.
+	Writes []Write
+	// Backing holds the bytes of the backing file, which the caller must
+	// have opened (the writer never opens BackingFile). It fills the parts
+	// of each allocated cluster that no write covers. Only those clusters
+	// are read. Bytes at or past BackingSize read as zeros, as QEMU reads a
+	// backing file shorter than the disk. Backing is required when Writes
+	// is not empty, and ignored when it is.
+	Backing io.ReaderAt
+	// BackingSize is the length of Backing in bytes. Backing must return
+	// every byte below it (a short read is an error).
+	BackingSize int64
 }
 
-// overlayLayout is where each structure of an empty overlay lives. The
-// refcount structures come before the L1 table, so their positions stay
-// fixed whatever the virtual size and the L1 table can never overlap them.
-// Upstream's writer had that overlap at 10 GiB.
+// overlayLayout is where each structure of an overlay lives. All of it is
+// decided before the first byte is written. The file is, cluster by
+// cluster and in this order:
+//
+//	header            cluster 0: the header, the backing format extension
+//	                  and the backing name
+//	refcount table    rtClusters clusters; entry i points at refcount block i
+//	refcount blocks   rbClusters clusters; block i holds the 16-bit
+//	                  refcounts of clusters i*32768 to i*32768+32767
+//	L1 table          l1Clusters clusters; entry i points at the L2 table
+//	                  that maps guest bytes [i*512 MiB, (i+1)*512 MiB), or
+//	                  is zero
+//	L2 tables         one per L1 entry that a write touches, in L1 order
+//	data clusters     one per guest cluster that a write touches, in guest
+//	                  order
+//
+// An empty overlay has only the first four, with one refcount table
+// cluster and one refcount block, so its L1 table is at cluster 3 as it
+// always was. The refcount structures come before the L1 table, so the L1
+// table can never overlap them; upstream's writer had that overlap at
+// 10 GiB. How many refcount clusters there are depends on how many clusters
+// the file has, themselves included, and sizeRefcounts settles both.
+//
+// Every cluster of the file is in use exactly once, so the refcounts are a
+// run of ones from cluster 0, and every L1 and L2 entry has the COPIED flag
+// (bit 63), which QEMU requires of a cluster whose refcount is 1.
 type overlayLayout struct {
 	header     []byte // cluster 0, up to and including the backing name
+	size       uint64 // the virtual size, rounded up to 512
 	l1Entries  uint64
 	l1Clusters uint64
-	fileSize   int64
+	rtClusters uint64
+	rbClusters uint64
+	// l2 holds the L1 index of each L2 table, ascending.
+	l2 []uint64
+	// data holds the data clusters, by ascending guest cluster.
+	data     []dataCluster
+	fileSize int64
 }
 
 const (
 	refcountTableCluster = 1
-	refcountBlockCluster = 2
-	l1FirstCluster       = 3
 	// refcountsPerBlock is how many 16-bit refcounts (refcount_order 4) fit
 	// in one cluster.
 	refcountsPerBlock = ClusterSize / 2
+	// refcountTableEntries is how many refcount block offsets fit in one
+	// cluster of the refcount table.
+	refcountTableEntries = ClusterSize / 8
+	// l2Entries is how many guest clusters one L2 table maps.
+	l2Entries = ClusterSize / 8
+	// copiedFlag marks an L1 or L2 entry whose cluster has refcount 1.
+	copiedFlag uint64 = 1 << 63
 )
+
+func (lo *overlayLayout) rbOffset(i uint64) uint64 {
+	return (refcountTableCluster + lo.rtClusters + i) * ClusterSize
+}
+
+func (lo *overlayLayout) l1Offset() uint64 { return lo.rbOffset(lo.rbClusters) }
+
+func (lo *overlayLayout) l2Offset(j int) uint64 {
+	return lo.l1Offset() + (lo.l1Clusters+uint64(j))*ClusterSize
+}
+
+func (lo *overlayLayout) dataOffset(k int) uint64 { return lo.l2Offset(len(lo.l2) + k) }
+
+// clusters is how many clusters the file has, every one of them in use.
+func (lo *overlayLayout) clusters() uint64 { return lo.dataOffset(len(lo.data)) / ClusterSize }
+
+// sizeRefcounts sizes the refcount structures for the rest of lo and
+// with them the file.
+func (lo *overlayLayout) sizeRefcounts() {
+	other := 1 + lo.l1Clusters + uint64(len(lo.l2)) + uint64(len(lo.data))
+	lo.rtClusters, lo.rbClusters = refcountClusters(other)
+	lo.fileSize = int64(lo.clusters() * ClusterSize)
+}
+
+// refcountClusters returns the fewest refcount table clusters and refcount
+// blocks that cover a file of other clusters plus themselves. Adding
+// refcount clusters may call for another refcount block, so it repeats
+// until the counts stop growing; each round adds about 32768 times fewer
+// clusters than the one before, so it settles at once. Both are at least
+// 1, as an empty overlay has always had.
+func refcountClusters(other uint64) (rt, rb uint64) {
+	rt, rb = 1, 1
+	for {
+		n := other + rt + rb
+		nrb := max(rb, (n+refcountsPerBlock-1)/refcountsPerBlock)
+		nrt := max(rt, (nrb+refcountTableEntries-1)/refcountTableEntries)
+		if nrb == rb && nrt == rt {
+			return rt, rb
+		}
+		rt, rb = nrt, nrb
+	}
+}
 
 // validate checks the options and returns the size rounded up to 512.
 func (o *OverlayOptions) validate() (uint64, error) {
@@ -74,6 +175,9 @@ func (o *OverlayOptions) validate() (uint64, error) {
 	if o.Size > MaxVirtualSize {
 		return 0, fmt.Errorf("%w: virtual size %d exceeds the maximum %d", ErrInvalidOption, o.Size, MaxVirtualSize)
 	}
+	if err := o.validateWrites(); err != nil {
+		return 0, err
+	}
 	return (o.Size + 511) &^ 511, nil
 }
 
@@ -86,14 +190,21 @@ func containsNUL(s string) bool {
 	return false
 }
 
+// layout places every structure for options that validate accepted.
 func (o *OverlayOptions) layout(size uint64) overlayLayout {
-	var lo overlayLayout
+	lo := overlayLayout{size: size}
 	lo.l1Entries = l1Entries(size, ClusterBits)
 	lo.l1Clusters = (lo.l1Entries*8 + ClusterSize - 1) / ClusterSize
 	if lo.l1Clusters == 0 {
 		lo.l1Clusters = 1
 	}
-	lo.fileSize = int64((l1FirstCluster + lo.l1Clusters) * ClusterSize)
+	lo.data = planData(o.Writes)
+	for _, dc := range lo.data {
+		if l1 := dc.guest / l2Entries; len(lo.l2) == 0 || lo.l2[len(lo.l2)-1] != l1 {
+			lo.l2 = append(lo.l2, l1)
+		}
+	}
+	lo.sizeRefcounts()
 
 	extLen := 8 + pad8(len(o.BackingFormat))
 	nameOff := v3HeaderLen + extLen + 8
@@ -105,9 +216,9 @@ func (o *OverlayOptions) layout(size uint64) overlayLayout {
 		ClusterBits:           ClusterBits,
 		Size:                  size,
 		L1Size:                uint32(lo.l1Entries),
-		L1TableOffset:         l1FirstCluster * ClusterSize,
+		L1TableOffset:         lo.l1Offset(),
 		RefcountTableOffset:   refcountTableCluster * ClusterSize,
-		RefcountTableClusters: 1,
+		RefcountTableClusters: uint32(lo.rtClusters),
 		RefcountOrder:         4,
 		HeaderLength:          v3HeaderLen,
 	}
@@ -121,8 +232,11 @@ func (o *OverlayOptions) layout(size uint64) overlayLayout {
 	return lo
 }
 
-// CreateOverlay writes an empty qcow2 v3 overlay at path over the given
-// backing file. Every read of the new image falls through to the backing.
+// CreateOverlay writes a qcow2 v3 overlay at path over the given backing
+// file. Without opts.Writes it is empty: every read of the new image falls
+// through to the backing. With them, the clusters they touch are stored in
+// the overlay (the rest of each such cluster copied from opts.Backing), and
+// every other read still falls through.
 //
 // The file appears at path only when it is complete. It is written as an
 // unnamed O_TMPFILE in the same directory (or as a dot-named temp file where
@@ -135,8 +249,13 @@ func (o *OverlayOptions) layout(size uint64) overlayLayout {
 // Linking never replaces an existing file. If path exists, the error wraps
 // fs.ErrExist and the existing file is untouched.
 //
-// Only the header and the two refcount structures are written, so the
-// overlay allocates three filesystem blocks whatever its virtual size.
+// Only the 4 KiB pieces of the file that are not all zeros are written, the
+// rest being left as holes. An empty overlay allocates three filesystem
+// blocks whatever its virtual size (the header and the two refcount
+// structures). Writes add, for each data cluster, its nonzero 4 KiB pieces
+// (the written blocks and whatever of the backing shows around them), one
+// or a few blocks for each L2 table, and one block for each 4 KiB page of
+// the L1 table with an entry in it.
 func CreateOverlay(ctx context.Context, path string, opts OverlayOptions) error {
 	dir, err := os.OpenFile(filepath.Dir(path), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -178,7 +297,7 @@ func CreateOverlayAt(ctx context.Context, dir *os.File, name string, opts Overla
 		}
 	}()
 
-	if err := writeOverlay(f, lo); err != nil {
+	if err := writeOverlay(ctx, f, &lo, &opts); err != nil {
 		return fmt.Errorf("create overlay %s: write the new file: %w", path, err)
 	}
 	if !opts.NoSync {
@@ -216,31 +335,91 @@ func CreateOverlayAt(ctx context.Context, dir *os.File, name string, opts Overla
 	return nil
 }
 
-func writeOverlay(f *os.File, lo overlayLayout) error {
-	if _, err := f.WriteAt(lo.header, 0); err != nil {
+// writeOverlay writes every structure of lo into f, a new and empty file,
+// so every byte it does not write reads as zero. It writes only the 4 KiB
+// pieces that are not all zeros (see writeSparse): an L1 table, L2 table
+// or data cluster that is mostly zeros costs only its nonzero pieces of
+// disk space.
+func writeOverlay(ctx context.Context, f *os.File, lo *overlayLayout, opts *OverlayOptions) error {
+	be := binary.BigEndian
+	if err := writeSparse(f, lo.header, 0); err != nil {
 		return err
 	}
-	// Refcount table entry 0 points at the single refcount block.
-	var rt [8]byte
-	binary.BigEndian.PutUint64(rt[:], refcountBlockCluster*ClusterSize)
-	if _, err := f.WriteAt(rt[:], refcountTableCluster*ClusterSize); err != nil {
+
+	// Refcount table entry i points at refcount block i.
+	rt := make([]byte, lo.rbClusters*8)
+	for i := range lo.rbClusters {
+		be.PutUint64(rt[i*8:], lo.rbOffset(i))
+	}
+	if err := writeSparse(f, rt, refcountTableCluster*ClusterSize); err != nil {
 		return err
 	}
-	// Every cluster in use (the header, the refcount table and block, and
-	// the L1 table) has a refcount of exactly 1. QEMU reports any other
-	// value as corruption.
-	used := l1FirstCluster + lo.l1Clusters
-	if used > refcountsPerBlock {
-		return fmt.Errorf("internal error: %d clusters do not fit in one refcount block", used)
+
+	// Every cluster of the file has a refcount of exactly 1; QEMU reports
+	// any other value as a leak or as corruption. The refcount blocks are
+	// contiguous, so the refcounts of clusters 0 to n-1 are one run of n
+	// 16-bit ones from the first block, written a cluster at a time.
+	ones := make([]byte, min(lo.clusters()*2, ClusterSize))
+	for i := 0; i < len(ones); i += 2 {
+		be.PutUint16(ones[i:], 1)
 	}
-	rb := make([]byte, used*2)
-	for i := range used {
-		binary.BigEndian.PutUint16(rb[i*2:], 1)
+	for off, end := lo.rbOffset(0), lo.rbOffset(0)+lo.clusters()*2; off < end; off += uint64(len(ones)) {
+		if err := writeSparse(f, ones[:min(uint64(len(ones)), end-off)], int64(off)); err != nil {
+			return err
+		}
 	}
-	if _, err := f.WriteAt(rb, refcountBlockCluster*ClusterSize); err != nil {
+
+	// The L1 table is zero but for the entries of the L2 tables, so only
+	// the 4 KiB pages of it that hold one are written. An empty overlay's
+	// L1 table is all hole.
+	var page [sparseBlock]byte
+	pageOff := lo.l1Offset()
+	for j, l1 := range lo.l2 {
+		off := lo.l1Offset() + l1*l1EntrySize
+		if p := off &^ (sparseBlock - 1); p != pageOff {
+			if err := writeSparse(f, page[:], int64(pageOff)); err != nil {
+				return err
+			}
+			clear(page[:])
+			pageOff = p
+		}
+		be.PutUint64(page[off-pageOff:], lo.l2Offset(j)|copiedFlag)
+	}
+	if err := writeSparse(f, page[:], int64(pageOff)); err != nil {
 		return err
 	}
-	// The L1 table is all zeros, so it is left as a hole.
+
+	// Each L2 table maps the data clusters of its 512 MiB of the disk,
+	// which are contiguous in lo.data because both are in guest order.
+	buf := make([]byte, ClusterSize)
+	k := 0
+	for j, l1 := range lo.l2 {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		clear(buf)
+		for ; k < len(lo.data) && lo.data[k].guest/l2Entries == l1; k++ {
+			be.PutUint64(buf[lo.data[k].guest%l2Entries*8:], lo.dataOffset(k)|copiedFlag)
+		}
+		if err := writeSparse(f, buf, int64(lo.l2Offset(j))); err != nil {
+			return err
+		}
+	}
+
+	// Backing reads and data writes are the part that grows with the
+	// writes asked for, so cancellation is checked once a cluster.
+	for k := range lo.data {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := lo.data[k].fill(buf, opts, lo.size); err != nil {
+			return err
+		}
+		if err := writeSparse(f, buf, int64(lo.dataOffset(k))); err != nil {
+			return err
+		}
+	}
+	// The file ends with its last cluster, whatever holes it ends with.
 	return f.Truncate(lo.fileSize)
 }
 
