@@ -52,11 +52,11 @@ func openBase(box layout.Box) (*os.File, error) {
 }
 
 // checkBaseIdentity accepts the file at the box's base path only if it is
-// the base this volume was given: the inode recorded for the volume, or,
-// before one is recorded, a cached base of the volume's image. The inode
-// is recorded at unstage (recordBaseInode), off the path a pod's start
-// waits on, so that a box keeps its own base once the cache's copy is
-// gone.
+// the base this volume was given: the inode in the volume record, where an
+// earlier release recorded one, or else a cached base of the volume's
+// image. This release keeps that identity as the plugin-owned link
+// instead (owned.go), so the check runs only when that link is missing or
+// the overlay was just made.
 func (d *Driver) checkBaseIdentity(box layout.Box, r *volumeRecord, dev, ino uint64) error {
 	var st unix.Stat_t
 	if err := unix.Stat(box.Root(), &st); err != nil {

@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
+	"github.com/boxlite-csi/boxlite-csi/internal/safeopen"
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
 )
@@ -222,7 +223,7 @@ func (d *Driver) stageBox(ctx context.Context, box layout.Box, r *volumeRecord, 
 		d.cfg.Metrics.ObserveOverlay(string(disk.Outcome), time.Since(start)-baseWait)
 		// A new overlay was written over the base just linked from the
 		// cache: that base, checked against the cache, is the box's now,
-		// and unstage records its inode.
+		// and an inode an earlier release recorded no longer applies.
 		if r.BaseInode != 0 {
 			r.BaseInode = 0
 			if err := d.writeRecord(r); err != nil {
@@ -233,11 +234,16 @@ func (d *Driver) stageBox(ctx context.Context, box layout.Box, r *volumeRecord, 
 	if err := d.ensureOwnedBase(box, r, disk.Outcome != rootfs.Reused); err != nil {
 		return disk, fmt.Errorf("volume %s: %w", box.ID(), err)
 	}
-	if err := d.mountOwnedBase(box); err != nil {
+	root, err := safeopen.OpenRoot(box.Root())
+	if err != nil {
+		return disk, err
+	}
+	defer root.Close()
+	if err := d.mountOwnedBase(root, box); err != nil {
 		return disk, err
 	}
 	m := &boxManifest{volumeRecord: *r, VirtualSize: disk.VirtualSize, Backing: box.BackingName()}
-	if err := d.refreshManifest(box, m); err != nil {
+	if err := d.refreshManifest(root, box, m); err != nil {
 		return disk, err
 	}
 	return disk, nil

@@ -21,7 +21,7 @@ package driver
 // That is two mounts in a box. Each view of the box (the staging path,
 // each target path) is an rbind, which copies them, so a staged volume
 // published once has eight mounts in the node's table; the README's
-// Limits section has the measurement.
+// security model has the measurement (TestMountCount).
 
 import (
 	"bytes"
@@ -117,14 +117,9 @@ func (d *Driver) ensureOwnedBase(box layout.Box, r *volumeRecord, freshOverlay b
 }
 
 // mountOwnedBase mounts the plugin-owned base directory read-only on
-// <box>/base, unless it is there already.
-func (d *Driver) mountOwnedBase(box layout.Box) error {
+// <box>/base, unless it is there already. root is the box's root.
+func (d *Driver) mountOwnedBase(root *safeopen.Root, box layout.Box) error {
 	src := d.ownedBaseDir(box.ID())
-	root, err := safeopen.OpenRoot(box.Root())
-	if err != nil {
-		return err
-	}
-	defer root.Close()
 	// A box staged by an earlier release has its base file mounted on
 	// base/rootfs.ext4. The staging and target paths have copies of it of
 	// their own, so the box's one can go; left there, it would be hidden
@@ -149,8 +144,8 @@ func (d *Driver) mountOwnedBase(box layout.Box) error {
 // with no mounts sees (after a reboot, or an earlier release after a
 // rollback); it is only rewritten if something other than a regular file
 // is there, since a mount needs a file to cover. What a pod may have left
-// there is never read.
-func (d *Driver) refreshManifest(box layout.Box, m *boxManifest) error {
+// there is never read. root is the box's root.
+func (d *Driver) refreshManifest(root *safeopen.Root, box layout.Box, m *boxManifest) error {
 	want, err := encodeManifest(m)
 	if err != nil {
 		return err
@@ -161,11 +156,6 @@ func (d *Driver) refreshManifest(box layout.Box, m *boxManifest) error {
 			return err
 		}
 	}
-	root, err := safeopen.OpenRoot(box.Root())
-	if err != nil {
-		return err
-	}
-	defer root.Close()
 	mnt, mounted, err := mountAt(root, manifestName)
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", box.ID(), err)

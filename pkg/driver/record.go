@@ -54,8 +54,10 @@ type volumeRecord struct {
 	source.Config
 
 	// BaseInode is the inode of the base the box's overlay was created
-	// over, once the plugin has linked it into the box. It lets a box keep
-	// its own base when the cache's copy is gone, and only that one.
+	// over, as an earlier release recorded it at unstage. This release
+	// never sets it (the plugin-owned base link says the same); it reads
+	// it to adopt such a box's base when the cache's copy is gone, and
+	// clears it when a new overlay is made over another base.
 	BaseInode uint64 `json:"baseInode,omitempty"`
 }
 
