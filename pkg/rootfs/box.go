@@ -27,6 +27,11 @@ type BoxDisk struct {
 	Base string
 	// VirtualSize is the overlay's size in bytes.
 	VirtualSize uint64
+	// FilesystemSize is the size in bytes of the filesystem a fresh
+	// overlay was laid out with (DiskPlan.FilesystemSize). It is 0 for a
+	// reused overlay: the plugin never reads the filesystem a guest has
+	// written, and the volume's record holds what it was made with.
+	FilesystemSize uint64
 	// Outcome says what PrepareBox did with the overlay.
 	Outcome Outcome
 	// SetAside is where a corrupt overlay that may hold data was moved
@@ -99,6 +104,11 @@ func (p CorruptPolicy) String() string {
 type PrepareOptions struct {
 	// Corrupt is what to do with a corrupt overlay that may hold data.
 	Corrupt CorruptPolicy
+	// BeforeCreate, when set, is called with the plan of a fresh overlay
+	// before it is written; an error stops the creation. The driver
+	// records the filesystem's size there, so that no crash can leave an
+	// overlay whose size the record does not know.
+	BeforeCreate func(context.Context, DiskPlan) error
 }
 
 // corruptSuffix names a set-aside overlay; the time is UTC.
@@ -201,7 +211,7 @@ func PrepareBoxWith(ctx context.Context, box layout.Box, base func(context.Conte
 	f, err := openInBox(root, box, d.Overlay)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		return createOverlay(ctx, root, box, base, size, d, Created, "")
+		return createOverlay(ctx, root, box, base, size, d, opts, Created, "")
 	case qcow2.IsTampered(err):
 		return d, fmt.Errorf("rootfs: %w: %w", ErrRefusedOverlay, err)
 	case err != nil:
@@ -276,7 +286,7 @@ func recoverCorrupt(ctx context.Context, root *safeopen.Root, f *os.File, box la
 		if err := removeChecked(root, box, f); err != nil {
 			return d, fmt.Errorf("rootfs: %w: remove corrupt overlay %s: %w", ErrRefusedOverlay, d.Overlay, err)
 		}
-		return createOverlay(ctx, root, box, base, size, d, Recreated, "")
+		return createOverlay(ctx, root, box, base, size, d, opts, Recreated, "")
 	}
 	switch opts.Corrupt {
 	case KeepCorrupt:
@@ -291,18 +301,19 @@ func recoverCorrupt(ctx context.Context, root *safeopen.Root, f *os.File, box la
 		log.Info("Set aside corrupt guest rootfs overlay, which may hold guest data, and recreating it from the cached base",
 			"overlay", d.Overlay, "setAside", d.SetAside, "reason", cerr.Error(), "l1", probe.Reason,
 			"repair", "qemu-img check -r all "+d.SetAside)
-		return createOverlay(ctx, root, box, base, size, d, Recreated, suffix)
+		return createOverlay(ctx, root, box, base, size, d, opts, Recreated, suffix)
 	default:
 		return d, fmt.Errorf("rootfs: %w: %w: unknown corrupt-overlay policy %v, so it was left untouched", ErrRefusedOverlay, cerr, opts.Corrupt)
 	}
 }
 
 // createOverlay links base into the box (replacing a link left by an
-// earlier attempt that never got an overlay) and writes a fresh overlay.
+// earlier attempt that never got an overlay) and writes a fresh overlay,
+// with the base's filesystem grown to the overlay's size (planDisk).
 // asideSuffix is set when a corrupt overlay was just set aside under it:
 // a base link that has to be replaced is then renamed with the same
 // suffix instead of removed, so the set-aside overlay's base survives.
-func createOverlay(ctx context.Context, root *safeopen.Root, box layout.Box, getBase func(context.Context) (Base, error), size uint64, d BoxDisk, o Outcome, asideSuffix string) (BoxDisk, error) {
+func createOverlay(ctx context.Context, root *safeopen.Root, box layout.Box, getBase func(context.Context) (Base, error), size uint64, d BoxDisk, opts PrepareOptions, o Outcome, asideSuffix string) (BoxDisk, error) {
 	baseDir, err := openDirInBox(root, box, box.BaseDir())
 	if err != nil {
 		return d, fmt.Errorf("rootfs: %w: %w", ErrRefusedOverlay, err)
@@ -332,12 +343,8 @@ func createOverlay(ctx context.Context, root *safeopen.Root, box layout.Box, get
 		}
 		klog.FromContext(ctx).Info("Base evicted before it could be linked; ensuring it again", "base", base.Path, "box", box.ID())
 	}
-	d.VirtualSize = max(uint64(base.Size), size)
-	if err := qcow2.CreateOverlayAt(ctx, disksDir, filepath.Base(d.Overlay), qcow2.OverlayOptions{
-		BackingFile:   box.BackingName(),
-		BackingFormat: qcow2.FormatRaw,
-		Size:          d.VirtualSize,
-	}); err != nil {
+	err = writePlannedOverlay(ctx, disksDir, box, base, size, opts, &d)
+	if err != nil {
 		// Without an overlay the link is debris, and a link pins the base
 		// against eviction: a box that failed to stage (a full disk) must
 		// not keep a base alive. The next attempt links it again.
@@ -346,10 +353,42 @@ func createOverlay(ctx context.Context, root *safeopen.Root, box layout.Box, get
 		}
 		return d, fmt.Errorf("rootfs: %w", err)
 	}
-	d.VirtualSize = (d.VirtualSize + 511) &^ 511
 	d.Outcome = o
-	klog.FromContext(ctx).V(2).Info("Created guest rootfs overlay", "overlay", d.Overlay, "base", base.Path, "virtualSize", d.VirtualSize, "outcome", o)
+	klog.FromContext(ctx).V(2).Info("Created guest rootfs overlay", "overlay", d.Overlay, "base", base.Path,
+		"virtualSize", d.VirtualSize, "filesystemSize", d.FilesystemSize, "outcome", o)
 	return d, nil
+}
+
+// writePlannedOverlay plans the disk over base, hands the plan to
+// opts.BeforeCreate, and writes the overlay with the plan's blocks. It
+// fills d's sizes.
+func writePlannedOverlay(ctx context.Context, disksDir *os.File, box layout.Box, base Base, size uint64, opts PrepareOptions, d *BoxDisk) error {
+	f, err := openBase(base)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	plan, err := planDisk(ctx, f, base, size)
+	if err != nil {
+		return err
+	}
+	if opts.BeforeCreate != nil {
+		if err := opts.BeforeCreate(ctx, plan); err != nil {
+			return err
+		}
+	}
+	if err := qcow2.CreateOverlayAt(ctx, disksDir, filepath.Base(d.Overlay), qcow2.OverlayOptions{
+		BackingFile:   box.BackingName(),
+		BackingFormat: qcow2.FormatRaw,
+		Size:          plan.VirtualSize,
+		Writes:        plan.Writes,
+		Backing:       f,
+		BackingSize:   base.Size,
+	}); err != nil {
+		return err
+	}
+	d.VirtualSize, d.FilesystemSize = plan.VirtualSize, plan.FilesystemSize
+	return nil
 }
 
 // linkBase makes <box>/base/rootfs.ext4 a hard link to the cached base,

@@ -23,7 +23,7 @@ func testKey(n int) Key {
 	return Key{Digest: fmt.Sprintf("sha256:%064x", n), Builder: "t1"}
 }
 
-func newCache(t *testing.T, home string) *Cache {
+func newCache(t testing.TB, home string) *Cache {
 	t.Helper()
 	c, err := NewCache(context.Background(), CacheConfig{Home: layout.NewHome(home, layout.Config{})})
 	if err != nil {
