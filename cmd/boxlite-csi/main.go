@@ -67,6 +67,8 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 		"kubelet's plugins_registry directory as mounted in this container; the registration socket <driver-name>-reg.sock is created there")
 	fs.Var(&o.reserve, "capacity-reserve", "space kept free on the home filesystem: subtracted from GetCapacity and from what a volume may claim (e.g. 2Gi)")
 	fs.Var(&o.maxVolume, "max-volume-size", "largest virtual size a volume may request; 0 means no limit")
+	fs.Float64Var(&c.OverprovisionRatio, "overprovision-ratio", 1,
+		"how many times the free space (after --capacity-reserve) the volumes' claims may promise beyond what their disks have allocated; 1 promises no more than there is, so a guest filling its disk never makes another box's write fail")
 	fs.Float64Var(&c.CacheHighWatermark, "cache-high-watermark", 0.85, "fraction of the home filesystem in use above which unused base disks are evicted")
 	fs.Float64Var(&c.CacheLowWatermark, "cache-low-watermark", 0.70, "fraction eviction brings the home filesystem back down to")
 	fs.Var(&o.cacheMax, "cache-max-size", "also evict once the base disks together exceed this size; 0 means only the watermarks apply")

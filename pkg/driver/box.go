@@ -44,6 +44,8 @@ func volumeIDForName(name string) string {
 // boxManifest is <box>/box.json, the runtime's manifest of the box: the
 // volume record, plus what the runtime needs to boot it (virtual size and
 // backing of the overlay). The plugin writes it and never reads it back.
+// A virtualSize larger than the record's filesystemSize says the disk was
+// expanded after the filesystem was made: the guest grows it online.
 type boxManifest struct {
 	volumeRecord
 	VirtualSize uint64 `json:"virtualSize,omitempty"`
@@ -204,7 +206,15 @@ func (d *Driver) stageBox(ctx context.Context, box layout.Box, r *volumeRecord, 
 	// A persistent volume's corrupt overlay is the user's data: it is kept
 	// and refused, naming the repair. An ephemeral volume's holds nothing
 	// anyone keeps, so it is set aside and a fresh one made.
-	opts := rootfs.PrepareOptions{Corrupt: rootfs.KeepCorrupt}
+	opts := rootfs.PrepareOptions{Corrupt: rootfs.KeepCorrupt, BeforeCreate: func(_ context.Context, p rootfs.DiskPlan) error {
+		// Recorded before the overlay exists, so a crash cannot leave an
+		// overlay whose filesystem size the record does not know.
+		if r.FilesystemSize == p.FilesystemSize {
+			return nil
+		}
+		r.FilesystemSize = p.FilesystemSize
+		return d.writeRecord(r)
+	}}
 	if r.Ephemeral {
 		opts.Corrupt = rootfs.SetAsideCorrupt
 	}
@@ -212,9 +222,12 @@ func (d *Driver) stageBox(ctx context.Context, box layout.Box, r *volumeRecord, 
 		t := time.Now()
 		defer func() { baseWait += time.Since(t) }()
 		return d.ensureBase(ctx, r, params, secrets)
-	}, uint64(max(r.Capacity, 0)), opts)
+	}, uint64(max(r.Capacity, r.ExpandedBytes, 0)), opts)
 	if err != nil {
 		return disk, err
+	}
+	if disk.Outcome == rootfs.Reused {
+		d.applyPendingExpansion(ctx, box, r, &disk)
 	}
 	if disk.SetAside != "" {
 		klog.FromContext(ctx).Info("Set a corrupt overlay aside and made a fresh one", "volume", box.ID(), "setAside", disk.SetAside)

@@ -31,6 +31,12 @@ type Config struct {
 	CapacityReserve int64
 	// MaxVolumeSize caps a volume's virtual size; 0 means no cap.
 	MaxVolumeSize int64
+	// OverprovisionRatio is how many times the home filesystem's free
+	// space (after CapacityReserve) the volumes' claims may promise beyond
+	// what their overlays have allocated. 1, the default, promises no
+	// more than there is: a guest that fills its whole disk never makes
+	// another box's write fail. 0 means 1.
+	OverprovisionRatio float64
 	// KubeletRegistrationPath, when set, makes the plugin register itself
 	// with kubelet: it is the CSI socket's path on the host, which kubelet
 	// dials. The registration socket goes into RegistrationDir.
@@ -98,6 +104,9 @@ func (c Config) validate() error {
 	}
 	if c.MaxVolumesPerNode < 0 || c.CapacityReserve < 0 || c.MaxVolumeSize < 0 || c.CacheMaxBytes < 0 {
 		errs = append(errs, errors.New("limits must not be negative"))
+	}
+	if c.OverprovisionRatio != 0 && c.OverprovisionRatio < 1 {
+		errs = append(errs, fmt.Errorf("overprovision ratio %g must be at least 1", c.OverprovisionRatio))
 	}
 	if c.LocalImageRoot != "" && (!filepath.IsAbs(c.LocalImageRoot) || filepath.Clean(c.LocalImageRoot) != c.LocalImageRoot) {
 		errs = append(errs, fmt.Errorf("local image root %q must be an absolute, clean path", c.LocalImageRoot))

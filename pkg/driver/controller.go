@@ -11,6 +11,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
+
+	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 )
 
 func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
@@ -53,7 +55,9 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return nil, status.Errorf(codes.Internal, "volume %q: the record of %s is unreadable: %v", name, id, err)
 	}
-	if err := d.checkFreeSpace(capacity); err != nil {
+	// A quick refusal before the registry is asked; checked again below,
+	// under the capacity lock, once the record is ready to be written.
+	if err := d.reserveCapacity(id, capacity); err != nil {
 		return nil, err
 	}
 	m, err := d.newRecord(ctx, id, params, req.GetParameters(), req.GetSecrets(), false)
@@ -61,11 +65,26 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		return nil, toStatus(fmt.Errorf("CreateVolume %q: %w", name, err), atController)
 	}
 	m.Name, m.Capacity = name, capacity
-	if err := d.createVolume(box, m); err != nil {
-		return nil, toStatus(err, atController)
+	if err := d.createReserved(box, m); err != nil {
+		return nil, err
 	}
 	klog.FromContext(ctx).Info("Created volume", "volume", id, "name", name, "image", params.Image, "digest", m.Digest, "capacity", capacity)
 	return &csi.CreateVolumeResponse{Volume: d.volume(m)}, nil
+}
+
+// createReserved creates the volume once its claim is checked again under
+// the capacity lock, so that concurrent creations cannot together promise
+// more than there is.
+func (d *Driver) createReserved(box layout.Box, r *volumeRecord) error {
+	d.capacityMu.Lock()
+	defer d.capacityMu.Unlock()
+	if err := d.reserveCapacity(box.ID(), r.Capacity); err != nil {
+		return err
+	}
+	if err := d.createVolume(box, r); err != nil {
+		return toStatus(err, atController)
+	}
+	return nil
 }
 
 // checkCreateRequest refuses a CreateVolume that no parameter could make
@@ -159,8 +178,10 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 	return &csi.ControllerGetCapabilitiesResponse{Capabilities: caps}, nil
 }
 
-// GetCapacity reports the home filesystem's real free bytes minus the
-// reserve; another node's topology gets 0.
+// GetCapacity reports the largest disk a new volume could get now: the
+// home filesystem's free bytes less the reserve, times the overprovision
+// ratio, less what existing volumes may still write (capacity.go).
+// Another node's topology gets 0.
 func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (*csi.GetCapacityResponse, error) {
 	if t := req.GetAccessibleTopology(); t != nil && !d.isThisNode(t) {
 		return &csi.GetCapacityResponse{}, nil
@@ -170,13 +191,15 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 			return &csi.GetCapacityResponse{}, nil
 		}
 	}
-	free, err := d.freeBytes()
+	available, _, _, err := d.availableBytes("")
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	resp := &csi.GetCapacityResponse{AvailableCapacity: free}
+	// The largest disk whose promise fits what is available.
+	available = max(available-overlayOverhead(max(available, 0)), 0)
+	resp := &csi.GetCapacityResponse{AvailableCapacity: available}
 	if d.cfg.MaxVolumeSize > 0 {
-		resp.MaximumVolumeSize = wrapInt64(min(free, d.cfg.MaxVolumeSize))
+		resp.MaximumVolumeSize = wrapInt64(min(available, d.cfg.MaxVolumeSize))
 	}
 	return resp, nil
 }

@@ -59,6 +59,10 @@ type Driver struct {
 	// NodeStage calls.
 	transports *source.Transports
 
+	// capacityMu is held from a capacity check until the claim it allowed
+	// is recorded (CreateVolume, NodeExpandVolume).
+	capacityMu sync.Mutex
+
 	readyMu     sync.Mutex
 	ready       bool
 	metricsAddr net.Addr

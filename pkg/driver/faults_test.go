@@ -131,7 +131,10 @@ func mountTmpfs(t *testing.T, size int64) string {
 }
 
 // fill writes to a file under dir until the filesystem has no block left.
-func fill(t *testing.T, dir string) {
+func fill(t *testing.T, dir string) { fillLeaving(t, dir, 0) }
+
+// fillLeaving is fill, then gives leave bytes back.
+func fillLeaving(t *testing.T, dir string, leave int64) {
 	t.Helper()
 	f, err := os.Create(filepath.Join(dir, "filler"))
 	if err != nil {
@@ -147,6 +150,15 @@ func fill(t *testing.T, dir string) {
 				}
 				break
 			}
+		}
+	}
+	if leave > 0 {
+		st, err := f.Stat()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Truncate(st.Size() - leave); err != nil {
+			t.Fatal(err)
 		}
 	}
 }
@@ -229,7 +241,10 @@ func TestFaultHomeFull(t *testing.T) {
 			}
 			defer unstageVolume(t, p, first, staging+"-first")
 			id, box := createVolume(t, p, "second", params("bb:1"))
-			fill(t, p.d.home.Dir())
+			// One page left: enough for the record of the new overlay's
+			// filesystem size, which NodeStage writes first, not for the
+			// overlay.
+			fillLeaving(t, p.d.home.Dir(), 4096)
 			err := stageVolume(context.Background(), p, id, staging)
 			wantStatus(t, "NodeStage", err, codes.ResourceExhausted, "no space left on device", box.DisksDir())
 			assertNoDisk(t, box)
@@ -243,9 +258,9 @@ func TestFaultHomeFull(t *testing.T) {
 		{"box does not fit", func(t *testing.T, p *plugin, _ string) {
 			fill(t, p.d.home.Dir())
 			_, err := p.controller().CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: "c", Parameters: params("bb:1"), VolumeCapabilities: []*csi.VolumeCapability{rwo}})
-			// The volume record is written first, so that is what a full
-			// home refuses; the error names the file.
-			wantStatus(t, "CreateVolume", err, codes.ResourceExhausted, "no space left on device", p.d.recordsDir())
+			// Nothing is free, so the capacity check refuses the claim
+			// before anything is written, even at this ratio.
+			wantStatus(t, "CreateVolume", err, codes.ResourceExhausted, "exceeds the 0 bytes available", p.d.home.Dir())
 			for _, dir := range []string{p.d.home.BoxesDir(), p.d.recordsDir()} {
 				if n := dirEntries(t, dir); len(n) != 0 {
 					t.Errorf("half-created volume left in %s: %v", dir, n)
@@ -263,6 +278,10 @@ func TestFaultHomeFull(t *testing.T) {
 			})
 			cfg := testConfig(dir)
 			cfg.Home = home
+			// Overcommit freely, so CreateVolume's capacity check lets
+			// these calls reach the writes that cannot fit
+			// (TestCapacityAccounting tests the check itself).
+			cfg.OverprovisionRatio = 1e6
 			p := startPlugin(t, dir, cfg)
 			tc.run(t, p, filepath.Join(dir, "staging"))
 		})

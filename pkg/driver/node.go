@@ -195,10 +195,53 @@ func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRe
 		csi.NodeServiceCapability_RPC_GET_VOLUME_HEALTH,
 		csi.NodeServiceCapability_RPC_GET_STORAGE_HEALTH,
 		csi.NodeServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+		csi.NodeServiceCapability_RPC_EXPAND_VOLUME,
 	} {
 		caps = append(caps, &csi.NodeServiceCapability{Type: &csi.NodeServiceCapability_Rpc{Rpc: &csi.NodeServiceCapability_RPC{Type: t}}})
 	}
 	return &csi.NodeGetCapabilitiesResponse{Capabilities: caps}, nil
+}
+
+// NodeExpandVolume grows the volume's disk (expand.go). volume_path is
+// only checked to exist: the disk is the box's, wherever it is mounted.
+func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
+	const op = "NodeExpandVolume"
+	p := req.GetVolumePath()
+	box, err := d.nodeBox(op, req.GetVolumeId())
+	if err != nil {
+		return nil, err
+	}
+	if p == "" {
+		return nil, invalid("%s %s: volume path is required", op, box.ID())
+	}
+	if c := req.GetVolumeCapability(); c != nil {
+		if err := checkCapability(op, c); err != nil {
+			return nil, err
+		}
+	}
+	unlock, err := d.lock(box.ID(), op)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	r, err := d.readRecord(box)
+	if err != nil {
+		return nil, recordStatus(box, err)
+	}
+	if checkPath("volume path", p) != nil {
+		return nil, status.Errorf(codes.NotFound, "%s %s: volume path %q is not an absolute, clean path, so the volume is not there", op, box.ID(), p)
+	}
+	if _, err := os.Stat(p); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, status.Errorf(codes.NotFound, "%s %s: volume path %s does not exist", op, box.ID(), p)
+		}
+		return nil, nodeError(op, box, err)
+	}
+	size, err := d.expandVolume(ctx, box, r, req.GetCapacityRange())
+	if err != nil {
+		return nil, err
+	}
+	return &csi.NodeExpandVolumeResponse{CapacityBytes: size}, nil
 }
 
 func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {

@@ -180,6 +180,41 @@ func (d *Driver) refreshManifest(root *safeopen.Root, box layout.Box, m *boxMani
 	return mountReadOnlyAt(root, box, owned, manifestName, unix.S_IFREG)
 }
 
+// rewriteOwnedManifest replaces the content of the plugin-owned box.json
+// in place, keeping its inode. Staging and publish binds are private, so a
+// new mount on box.json in the plugin's namespace would never reach the
+// pods' views; every view mounts this one inode, so new content does. The
+// content is written in one write at offset 0 and padded with spaces (valid
+// JSON whitespace) to at least the old length, so the file never shrinks
+// and a reader never sees a tail of the old content after the new. No
+// owned copy (never staged) is fine: the next NodeStage writes it.
+func (d *Driver) rewriteOwnedManifest(box layout.Box, m *boxManifest) error {
+	want, err := encodeManifest(m)
+	if err != nil {
+		return err
+	}
+	owned := d.ownedManifestPath(box.ID())
+	f, err := os.OpenFile(owned, os.O_RDWR|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("open %s: %w", owned, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("stat %s: %w", owned, err)
+	}
+	if pad := int(st.Size()) - len(want); pad > 0 {
+		want = append(append(want[:len(want)-1], bytes.Repeat([]byte(" "), pad)...), '\n')
+	}
+	if _, err := f.WriteAt(want, 0); err != nil {
+		return fmt.Errorf("rewrite %s: %w", owned, err)
+	}
+	return nil
+}
+
 // mountAt reports the mount whose root is at rel beneath root, if any.
 func mountAt(root *safeopen.Root, rel string) (*os.File, bool, error) {
 	f, err := root.OpenPath(rel)

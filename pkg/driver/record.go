@@ -53,6 +53,22 @@ type volumeRecord struct {
 	Pinned string `json:"pinned"`
 	source.Config
 
+	// ExpandedBytes is the disk size the latest NodeExpandVolume asked
+	// for; 0 if none did. Capacity stays what CreateVolume asked for, so a
+	// repeated CreateVolume still matches. The disk grows to it at once,
+	// or, when a VM held the overlay open, at the next NodeStage.
+	ExpandedBytes int64 `json:"expandedBytes,omitempty"`
+
+	// FilesystemSize is the size in bytes of the ext4 filesystem the
+	// box's overlay was made with: the base's filesystem grown to the
+	// disk's size. It is recorded before the overlay is written. A guest
+	// may grow its filesystem later into a disk that NodeExpandVolume
+	// enlarged; the plugin never reads the guest's filesystem to learn
+	// that, so this stays the size it was made with. 0 means unknown: a
+	// box staged by an earlier release (its filesystem is the base's
+	// size), or never staged.
+	FilesystemSize uint64 `json:"filesystemSize,omitempty"`
+
 	// BaseInode is the inode of the base the box's overlay was created
 	// over, as an earlier release recorded it at unstage. This release
 	// never sets it (the plugin-owned base link says the same); it reads
