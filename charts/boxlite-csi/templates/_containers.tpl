@@ -50,6 +50,7 @@ value is empty, so the plugin's own defaults apply.
 {{- with .Values.maxVolumeSize }}
 - --max-volume-size={{ . }}
 {{- end }}
+- --overprovision-ratio={{ .Values.overprovisionRatio }}
 - --max-volumes-per-node={{ .Values.maxVolumesPerNode }}
 {{- if not .Values.registrar.enabled }}
 # Without node-driver-registrar the plugin answers kubelet's plugin
