@@ -21,13 +21,19 @@ import (
 // cache, as the driver does.
 func realBase(t testing.TB) (*Cache, Base) {
 	t.Helper()
+	return realBaseIn(t, t.TempDir())
+}
+
+// realBaseIn is realBase with the cache's home at home.
+func realBaseIn(t testing.TB, home string) (*Cache, Base) {
+	t.Helper()
 	reg := testregistry.NewInProcess(t)
 	reg.Push(t, "busybox:1", testimage.Busybox(t))
 	img, err := resolve(t, context.Background(), reg.Ref("busybox:1"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := newCache(t, t.TempDir())
+	c := newCache(t, home)
 	base, err := c.Ensure(context.Background(), Key{Digest: img.Digest.String(), Builder: Ext4BuilderVersion}, buildFrom(t, reg.Ref("busybox:1"), nil))
 	if err != nil {
 		t.Fatal(err)
