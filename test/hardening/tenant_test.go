@@ -115,6 +115,7 @@ const (
 	opStage     tenantOp = "NodeStageVolume"
 	opStats     tenantOp = "NodeGetVolumeStats"
 	opHealth    tenantOp = "NodeGetVolumeHealth"
+	opExpand    tenantOp = "NodeExpandVolume"
 	opDelete    tenantOp = "DeleteVolume"
 )
 
@@ -141,17 +142,17 @@ var tenantRows = []tenantRow{
 	{id: "3a-box.json-replaced-by-fifo", attack: "fifo-manifest",
 		steps: []tenantOp{opStats, opHealth, opUnpublish, opUnstage, opStage}},
 	{id: "3b-overlay-replaced-by-fifo", attack: "fifo-overlay", unhealthy: true,
-		steps: []tenantOp{opStats, opHealth, opUnpublish, opUnstage, opStage}},
+		steps: []tenantOp{opStats, opHealth, opExpand, opUnpublish, opUnstage, opStage}},
 	{id: "3c-disks-replaced-by-symlink-to-host-dir", attack: "disks-symlink", unhealthy: true,
-		steps: []tenantOp{opStats, opHealth, opUnpublish, opUnstage, opStage}},
+		steps: []tenantOp{opStats, opHealth, opExpand, opUnpublish, opUnstage, opStage}},
 	{id: "4-box.json-forged-overlay-deleted", attack: "edit-manifest", mustStage: true,
 		steps: []tenantOp{opUnpublish, opUnstage, opStage}},
 	{id: "5-links-fifos-sockets-planted-everywhere", attack: "plant", mustStage: true,
-		steps: []tenantOp{opUnpublish, opUnstage, opStage, opStats, opHealth, opUnstage, opDelete}},
+		steps: []tenantOp{opExpand, opUnpublish, opUnstage, opStage, opStats, opHealth, opUnstage, opDelete}},
 	{id: "5b-box-dirs-replaced-by-symlinks-to-host-dir", attack: "dirs-symlink",
-		steps: []tenantOp{opStats, opHealth, opUnpublish, opUnstage, opStage, opStats, opHealth, opUnstage, opDelete}},
+		steps: []tenantOp{opStats, opHealth, opExpand, opUnpublish, opUnstage, opStage, opStats, opHealth, opUnstage, opDelete}},
 	{id: "6-remount-bind-write-base", attack: "mount", mustStage: true,
-		steps: []tenantOp{opStats, opHealth, opUnpublish, opUnstage, opStage, opUnstage, opDelete}},
+		steps: []tenantOp{opStats, opHealth, opExpand, opUnpublish, opUnstage, opStage, opUnstage, opDelete}},
 }
 
 type tenantConfinement struct {
@@ -504,6 +505,22 @@ func (s *tenantSuite) step(t *testing.T, r tenantRow, a *tenantVol, op tenantOp)
 			want(err, codes.OK, codes.FailedPrecondition, codes.NotFound)
 		}
 		t.Logf("%s: %v %v", op, resp.GetUsage(), err)
+	case opExpand:
+		// The disk grows, or the call is refused for what the tenant did
+		// (FailedPrecondition) or a size it cannot take (OutOfRange); the
+		// checks after every call show nothing else was touched.
+		p := a.staging
+		if a.published {
+			p = a.target
+		}
+		var resp *csi.NodeExpandVolumeResponse
+		err = s.call(string(op), func(ctx context.Context) (err error) {
+			resp, err = node().NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: a.id, VolumePath: p,
+				CapacityRange: &csi.CapacityRange{RequiredBytes: 2 << 30}})
+			return err
+		})
+		want(err, codes.OK, codes.FailedPrecondition, codes.OutOfRange)
+		t.Logf("%s: %d bytes, %v", op, resp.GetCapacityBytes(), err)
 	case opHealth:
 		req := &csi.NodeGetVolumeHealthRequest{VolumeId: a.id}
 		if a.published {
