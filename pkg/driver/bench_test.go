@@ -30,17 +30,27 @@ func BenchmarkWarmStagePublish(b *testing.B) {
 	quietKlog(b)
 	dir := scratch.Dir(b)
 	params, _ := testImage(b)
-	for _, conc := range []int{1, 8, 32} {
-		b.Run(fmt.Sprintf("op=stage+publish/conc=%d", conc), func(b *testing.B) {
+	// claim=20GiB volumes also have their filesystem grown at stage.
+	for _, c := range []struct {
+		conc  int
+		claim int64
+		name  string
+	}{{1, 0, ""}, {8, 0, ""}, {32, 0, ""}, {1, 20 << 30, "claim=20GiB/"}} {
+		conc := c.conc
+		b.Run(fmt.Sprintf("op=stage+publish/%sconc=%d", c.name, conc), func(b *testing.B) {
 			run := b.TempDir()
 			cfg := testConfig(run)
 			cfg.Home = filepath.Join(dir, fmt.Sprintf("home-%d-%d", conc, b.N))
+			// Hundreds of 256 MiB claims on a 2 GiB scratch filesystem:
+			// overcommit, since this measures staging, not accounting.
+			cfg.OverprovisionRatio = 1e6
 			p := startPlugin(b, run, cfg)
 			ctx := context.Background()
 			ids := make([]string, b.N+1)
 			for i := range ids {
 				v, err := p.controller().CreateVolume(ctx, &csi.CreateVolumeRequest{
 					Name: fmt.Sprintf("v%d", i), Parameters: params, VolumeCapabilities: []*csi.VolumeCapability{rwo},
+					CapacityRange: &csi.CapacityRange{RequiredBytes: c.claim},
 				})
 				if err != nil {
 					b.Fatal(err)

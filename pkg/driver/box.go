@@ -207,13 +207,19 @@ func (d *Driver) stageBox(ctx context.Context, box layout.Box, r *volumeRecord, 
 	// and refused, naming the repair. An ephemeral volume's holds nothing
 	// anyone keeps, so it is set aside and a fresh one made.
 	opts := rootfs.PrepareOptions{Corrupt: rootfs.KeepCorrupt, BeforeCreate: func(_ context.Context, p rootfs.DiskPlan) error {
-		// Recorded before the overlay exists, so a crash cannot leave an
-		// overlay whose filesystem size the record does not know.
-		if r.FilesystemSize == p.FilesystemSize {
+		// A grown filesystem's size is recorded before the overlay exists,
+		// and committed by the overlay's own fsync (writeRecordOrdered). An ungrown one is the base's size, which the record says
+		// with 0 (as for a box of an earlier release), so a disk of the
+		// base's size costs no record write.
+		want := uint64(0)
+		if len(p.Writes) > 0 {
+			want = p.FilesystemSize
+		}
+		if r.FilesystemSize == want {
 			return nil
 		}
-		r.FilesystemSize = p.FilesystemSize
-		return d.writeRecord(r)
+		r.FilesystemSize = want
+		return d.writeRecordOrdered(r)
 	}}
 	if r.Ephemeral {
 		opts.Corrupt = rootfs.SetAsideCorrupt
@@ -256,6 +262,13 @@ func (d *Driver) stageBox(ctx context.Context, box layout.Box, r *volumeRecord, 
 		return disk, err
 	}
 	m := &boxManifest{volumeRecord: *r, VirtualSize: disk.VirtualSize, Backing: box.BackingName()}
+	if m.FilesystemSize == 0 {
+		// Not grown: the filesystem is the base's, whose size the
+		// plugin-owned link gives.
+		if st, err := os.Stat(filepath.Join(d.ownedBaseDir(box.ID()), baseName)); err == nil {
+			m.FilesystemSize = uint64(st.Size())
+		}
+	}
 	if err := d.refreshManifest(root, box, m); err != nil {
 		return disk, err
 	}

@@ -60,13 +60,13 @@ type volumeRecord struct {
 	ExpandedBytes int64 `json:"expandedBytes,omitempty"`
 
 	// FilesystemSize is the size in bytes of the ext4 filesystem the
-	// box's overlay was made with: the base's filesystem grown to the
-	// disk's size. It is recorded before the overlay is written. A guest
-	// may grow its filesystem later into a disk that NodeExpandVolume
-	// enlarged; the plugin never reads the guest's filesystem to learn
-	// that, so this stays the size it was made with. 0 means unknown: a
-	// box staged by an earlier release (its filesystem is the base's
-	// size), or never staged.
+	// box's overlay was made with, when it was grown past the base's: it
+	// is recorded before the overlay is written. 0 means the base's size:
+	// a disk no larger than the base, a base that cannot be grown, a box
+	// staged by an earlier release, or one never staged. A guest may grow
+	// its filesystem later into a disk that NodeExpandVolume enlarged;
+	// the plugin never reads the guest's filesystem to learn that, so this
+	// stays the size it was made with. box.json always says the size.
 	FilesystemSize uint64 `json:"filesystemSize,omitempty"`
 
 	// BaseInode is the inode of the base the box's overlay was created
@@ -130,7 +130,22 @@ func (d *Driver) readRecordOnly(id string) (*volumeRecord, error) {
 // writeRecord replaces a volume's record atomically and durably: after a
 // crash it is the old or the new version, and once it returns the new
 // version survives a power cut.
-func (d *Driver) writeRecord(r *volumeRecord) error {
+func (d *Driver) writeRecord(r *volumeRecord) error { return d.putRecord(r, true) }
+
+// writeRecordOrdered replaces a volume's record atomically but leaves its
+// commit to the next journal commit of the home filesystem, which the
+// caller's own fsync makes soon after. Its data is written out first
+// (sync_file_range), so no commit can publish the new name over unwritten
+// data: after a crash the record is the old or the new version. NodeStage
+// uses it for the filesystem size of a fresh overlay, whose own fsync
+// follows; where that commit might not carry the rename (ext4's
+// fast_commit), what a crash can lose is a grown filesystem's size, and
+// box.json then says the base's, smaller than the truth: a runtime that
+// grows the filesystem to the disk finds nothing to do. Two commits fewer
+// per stage (2.3 ms on the benchmark disk) are worth that.
+func (d *Driver) writeRecordOrdered(r *volumeRecord) error { return d.putRecord(r, false) }
+
+func (d *Driver) putRecord(r *volumeRecord, durable bool) error {
 	r.Version = recordVersion
 	b, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
@@ -146,8 +161,10 @@ func (d *Driver) writeRecord(r *volumeRecord) error {
 	}
 	defer os.Remove(f.Name())
 	_, err = f.Write(append(b, '\n'))
-	if err == nil {
+	if err == nil && durable {
 		err = f.Sync()
+	} else if err == nil {
+		err = unix.SyncFileRange(int(f.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
@@ -158,6 +175,9 @@ func (d *Driver) writeRecord(r *volumeRecord) error {
 	final := d.recordPath(r.VolumeID)
 	if err := os.Rename(f.Name(), final); err != nil {
 		return fmt.Errorf("install %s: %w", final, err)
+	}
+	if !durable {
+		return nil
 	}
 	return syncDir(dir)
 }
