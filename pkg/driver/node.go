@@ -228,20 +228,31 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	if err != nil {
 		return nil, recordStatus(box, err)
 	}
-	if checkPath("volume path", p) != nil {
-		return nil, status.Errorf(codes.NotFound, "%s %s: volume path %q is not an absolute, clean path, so the volume is not there", op, box.ID(), p)
-	}
-	if _, err := os.Stat(p); err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, status.Errorf(codes.NotFound, "%s %s: volume path %s does not exist", op, box.ID(), p)
-		}
-		return nil, nodeError(op, box, err)
+	if err := checkVolumePath(op, box, p); err != nil {
+		return nil, err
 	}
 	size, err := d.expandVolume(ctx, box, r, req.GetCapacityRange())
 	if err != nil {
 		return nil, err
 	}
 	return &csi.NodeExpandVolumeResponse{CapacityBytes: size}, nil
+}
+
+// checkVolumePath is NotFound unless the volume path of a stats or expand
+// call exists. These calls only look at the box, so a path that is not
+// absolute and clean cannot be where the volume is, which is what
+// NotFound says too.
+func checkVolumePath(op string, box layout.Box, p string) error {
+	if checkPath("volume path", p) != nil {
+		return status.Errorf(codes.NotFound, "%s %s: volume path %q is not an absolute, clean path, so the volume is not there", op, box.ID(), p)
+	}
+	if _, err := os.Stat(p); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return status.Errorf(codes.NotFound, "%s %s: volume path %s does not exist", op, box.ID(), p)
+		}
+		return nodeError(op, box, err)
+	}
+	return nil
 }
 
 func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
@@ -267,16 +278,8 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	if _, err := d.readRecord(box); err != nil {
 		return nil, recordStatus(box, err)
 	}
-	// A read-only query: a path that is not absolute and clean cannot be
-	// where the volume is, which is what NotFound says.
-	if checkPath("volume path", p) != nil {
-		return nil, status.Errorf(codes.NotFound, "%s %s: volume path %q is not an absolute, clean path, so the volume is not there", op, box.ID(), p)
-	}
-	if _, err := os.Stat(p); err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, status.Errorf(codes.NotFound, "%s %s: volume path %s does not exist", op, box.ID(), p)
-		}
-		return nil, nodeError(op, box, err)
+	if err := checkVolumePath(op, box, p); err != nil {
+		return nil, err
 	}
 	var usage []*csi.VolumeUsage
 	if u := overlayUsage(box); u != nil {
