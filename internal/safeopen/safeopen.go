@@ -70,17 +70,32 @@ func (r *Root) open(rel string, flags int) (*os.File, error) {
 
 // OpenFile opens the regular file rel beneath the root for reading (or
 // with flags, e.g. unix.O_RDWR), without blocking on a FIFO: anything but
-// a regular file is closed again and refused with ErrNotRegular.
+// a regular file is refused with ErrNotRegular without ever being opened
+// for I/O. The path is first opened as O_PATH, which runs no device's or
+// FIFO's open, and checked by fstat; only then is that same inode opened
+// for I/O through /proc/self/fd, so a device node a pod planted (a pod
+// may have CAP_MKNOD, and the plugin has no device cgroup) is never
+// opened, and nothing can be swapped in between.
 func (r *Root) OpenFile(rel string, flags int) (*os.File, error) {
-	f, err := r.open(rel, flags|unix.O_NONBLOCK)
+	pf, err := r.open(rel, unix.O_PATH)
 	if err != nil {
 		return nil, err
 	}
-	if err := checkRegular(f); err != nil {
-		f.Close()
+	defer pf.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(pf.Fd()), &st); err == nil && st.Mode&unix.S_IFMT == unix.S_IFLNK {
+		// O_PATH opens a final symbolic link itself; say what an open
+		// that follows nothing says about it.
+		return nil, &os.PathError{Op: "open", Path: pf.Name(), Err: fmt.Errorf("a component is a symbolic link or leads outside %s: %w", r.f.Name(), unix.ELOOP)}
+	}
+	if err := checkRegular(pf); err != nil {
 		return nil, err
 	}
-	return f, nil
+	fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", pf.Fd()), flags|unix.O_NONBLOCK|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: pf.Name(), Err: err}
+	}
+	return os.NewFile(uintptr(fd), pf.Name()), nil
 }
 
 // OpenPath opens rel beneath the root as an O_PATH descriptor: a handle on

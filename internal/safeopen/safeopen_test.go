@@ -124,3 +124,59 @@ func TestReadRegular(t *testing.T) {
 		t.Errorf("ReadRegular(fifo) = %v, want ErrNotRegular", err)
 	}
 }
+
+// TestOpenFileNeverOpensNonRegular: what is not a regular file is refused
+// without being opened for I/O. A FIFO shows it: a writer waiting on it is
+// released by any open for reading, even a non-blocking one, so it must
+// still be waiting after OpenFile refused the FIFO.
+func TestOpenFileNeverOpensNonRegular(t *testing.T) {
+	root, _ := tree(t)
+	fifo := filepath.Join(root, "fifo")
+	opened := make(chan error, 1)
+	go func() {
+		// Blocks until something opens the FIFO for reading.
+		f, err := os.OpenFile(fifo, os.O_WRONLY, 0)
+		if err == nil {
+			f.Close()
+		}
+		opened <- err
+	}()
+	time.Sleep(50 * time.Millisecond)
+	r, err := OpenRoot(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	for _, flags := range []int{unix.O_RDONLY, unix.O_RDWR} {
+		if f, err := r.OpenFile("fifo", flags); !errors.Is(err, ErrNotRegular) {
+			if f != nil {
+				f.Close()
+			}
+			t.Errorf("OpenFile(fifo, %#x): %v, want ErrNotRegular", flags, err)
+		}
+	}
+	select {
+	case err := <-opened:
+		t.Fatalf("OpenFile opened the FIFO for I/O: its writer was released (%v)", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	// Release the writer.
+	f, err := os.OpenFile(fifo, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-opened
+	f.Close()
+	// A regular file still opens, for writing too, as the same inode.
+	f, err = r.OpenFile("box.json", unix.O_RDWR)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt([]byte(`{"ok":1}   `), 0); err != nil {
+		t.Fatalf("write through the reopened descriptor: %v", err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(root, "box.json")); string(b) != `{"ok":1}   ` {
+		t.Errorf("box.json = %q", b)
+	}
+}
