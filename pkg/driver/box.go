@@ -185,7 +185,7 @@ func (d *Driver) ensureEphemeralBox(ctx context.Context, box layout.Box, attrs, 
 		return nil, fmt.Errorf("inline volume %s: %w", box.ID(), err)
 	}
 	r.Ephemeral = true
-	if err := d.createVolume(box, r); err != nil {
+	if err := d.createReserved(box, r, atNode); err != nil {
 		return nil, err
 	}
 	return r, nil
@@ -261,7 +261,16 @@ func (d *Driver) stageBox(ctx context.Context, box layout.Box, r *volumeRecord, 
 	if err := d.mountOwnedBase(root, box); err != nil {
 		return disk, err
 	}
-	m := &boxManifest{volumeRecord: *r, VirtualSize: disk.VirtualSize, Backing: box.BackingName()}
+	if err := d.refreshManifest(root, box, d.manifestFor(box, r, disk.VirtualSize)); err != nil {
+		return disk, err
+	}
+	return disk, nil
+}
+
+// manifestFor is the box.json of a staged box whose disk is virtualSize
+// bytes.
+func (d *Driver) manifestFor(box layout.Box, r *volumeRecord, virtualSize uint64) *boxManifest {
+	m := &boxManifest{volumeRecord: *r, VirtualSize: virtualSize, Backing: box.BackingName()}
 	if m.FilesystemSize == 0 {
 		// Not grown: the filesystem is the base's, whose size the
 		// plugin-owned link gives.
@@ -269,10 +278,7 @@ func (d *Driver) stageBox(ctx context.Context, box layout.Box, r *volumeRecord, 
 			m.FilesystemSize = uint64(st.Size())
 		}
 	}
-	if err := d.refreshManifest(root, box, m); err != nil {
-		return disk, err
-	}
-	return disk, nil
+	return m
 }
 
 // releaseBase drops the box's read-only base mount once nothing outside

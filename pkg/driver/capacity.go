@@ -12,12 +12,18 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
+	"github.com/boxlite-csi/boxlite-csi/internal/safeopen"
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
+	"github.com/boxlite-csi/boxlite-csi/pkg/qcow2"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
 )
 
 // capacityFor picks the virtual size to record: the requested bytes, or
-// the limit if only that is given. 0 means "the base's size".
+// the limit if only that is given. 0 means "the base's size". A size no
+// disk can have (past QEMU's largest, or --max-volume-size) is OutOfRange,
+// as the CSI spec has it for a capacity the plugin does not allow; that
+// bound also keeps every sum in the capacity accounting far from
+// overflowing.
 func (d *Driver) capacityFor(r *csi.CapacityRange) (int64, error) {
 	req, lim := r.GetRequiredBytes(), r.GetLimitBytes()
 	switch {
@@ -30,11 +36,18 @@ func (d *Driver) capacityFor(r *csi.CapacityRange) (int64, error) {
 	if size == 0 {
 		size = lim
 	}
-	if d.cfg.MaxVolumeSize > 0 && size > d.cfg.MaxVolumeSize {
-		return 0, status.Errorf(codes.ResourceExhausted, "capacity %d bytes exceeds the maximum volume size %d", size, d.cfg.MaxVolumeSize)
+	switch {
+	case d.cfg.MaxVolumeSize > 0 && size > d.cfg.MaxVolumeSize:
+		return 0, status.Errorf(codes.OutOfRange, "capacity %d bytes exceeds the maximum volume size %d", size, d.cfg.MaxVolumeSize)
+	case uint64(size) > qcow2.MaxVirtualSize:
+		return 0, status.Errorf(codes.OutOfRange, "capacity %d bytes exceeds the largest disk a qcow2 overlay can have (%d bytes)", size, qcow2.MaxVirtualSize)
 	}
 	return size, nil
 }
+
+// diskBytes is the size of the disk a volume of capacity bytes gets: the
+// overlay's virtual size is a multiple of 512, rounded up as qemu-img does.
+func diskBytes(capacity int64) int64 { return (capacity + 511) &^ 511 }
 
 // Capacity accounting. Every volume's guest sees its whole claim, so one
 // guest can write until the home filesystem is full, and then every box
@@ -94,25 +107,34 @@ func (d *Driver) outstandingBytes(skip string) (int64, error) {
 			klog.Background().Error(err, "Counting a volume whose record is unreadable at the smallest base size", "volume", id)
 			r = &volumeRecord{VolumeID: id}
 		}
-		total += max(promise(d.volumeDiskSize(r))-allocatedBytes(d.home, id), 0)
+		// Sizes are bounded by capacityFor, but a record is a file: clamp
+		// what one may add, so no sum can wrap.
+		total += min(max(promise(min(d.volumeDiskSize(r), int64(qcow2.MaxVirtualSize)))-allocatedBytes(d.home, id), 0), 1<<56)
 	}
 	return total, nil
 }
 
 // allocatedBytes is what a volume's overlay occupies on disk; 0 when it
-// has none yet (never staged) or cannot be opened.
+// has none yet (never staged) or it cannot be looked at. It is fstat'ed
+// through an O_PATH descriptor: that opens nothing for I/O, so it neither
+// breaks nor waits on the write lease ExpandBox holds, and a FIFO or
+// device a pod put there is not opened.
 func allocatedBytes(home layout.Home, id string) int64 {
 	box, err := home.Box(id)
 	if err != nil {
 		return 0
 	}
-	f, err := rootfs.OpenOverlay(box)
+	root, err := safeopen.OpenRoot(box.Root())
 	if err != nil {
 		return 0
 	}
-	defer f.Close()
-	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+	defer root.Close()
+	rel, err := filepath.Rel(box.Root(), box.GuestRootfsDiskPath())
+	if err != nil {
+		return 0
+	}
+	st, err := root.Lstat(rel)
+	if err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return 0
 	}
 	return st.Blocks * 512

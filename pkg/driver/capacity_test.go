@@ -21,7 +21,7 @@ func TestCapacityFor(t *testing.T) {
 		{"limit only", &csi.CapacityRange{LimitBytes: 20}, 20, codes.OK},
 		{"both", &csi.CapacityRange{RequiredBytes: 10, LimitBytes: 20}, 10, codes.OK},
 		{"at the maximum", &csi.CapacityRange{RequiredBytes: 100}, 100, codes.OK},
-		{"over the maximum", &csi.CapacityRange{RequiredBytes: 101}, 0, codes.ResourceExhausted},
+		{"over the maximum", &csi.CapacityRange{RequiredBytes: 101}, 0, codes.OutOfRange},
 		{"required over limit", &csi.CapacityRange{RequiredBytes: 30, LimitBytes: 20}, 0, codes.OutOfRange},
 		{"negative", &csi.CapacityRange{RequiredBytes: -1}, 0, codes.OutOfRange},
 	} {
@@ -35,6 +35,13 @@ func TestCapacityFor(t *testing.T) {
 	unlimited := &Driver{}
 	if got, err := unlimited.capacityFor(&csi.CapacityRange{RequiredBytes: 1 << 50}); err != nil || got != 1<<50 {
 		t.Errorf("without --max-volume-size: capacityFor = %d, %v", got, err)
+	}
+	// Past the largest qcow2 disk, and where the accounting's sums would
+	// overflow: refused whatever the maximum.
+	for _, n := range []int64{1<<51 + 1, 1<<63 - 1} {
+		if got, err := unlimited.capacityFor(&csi.CapacityRange{RequiredBytes: n}); status.Code(err) != codes.OutOfRange {
+			t.Errorf("capacityFor(%d) = %d, %v; want OutOfRange", n, got, err)
+		}
 	}
 }
 

@@ -85,6 +85,10 @@ type Config struct {
 	Metrics *metrics.Metrics
 }
 
+// maxOverprovisionRatio bounds --overprovision-ratio, so that free space
+// times the ratio stays far inside an int64 (and NaN is refused).
+const maxOverprovisionRatio = 1e6
+
 // TopologyKey is the node topology segment this driver reports.
 func (c Config) TopologyKey() string { return c.DriverName + "/node" }
 
@@ -105,8 +109,8 @@ func (c Config) validate() error {
 	if c.MaxVolumesPerNode < 0 || c.CapacityReserve < 0 || c.MaxVolumeSize < 0 || c.CacheMaxBytes < 0 {
 		errs = append(errs, errors.New("limits must not be negative"))
 	}
-	if c.OverprovisionRatio != 0 && c.OverprovisionRatio < 1 {
-		errs = append(errs, fmt.Errorf("overprovision ratio %g must be at least 1", c.OverprovisionRatio))
+	if r := c.OverprovisionRatio; r != 0 && !(r >= 1 && r <= maxOverprovisionRatio) {
+		errs = append(errs, fmt.Errorf("overprovision ratio %g must be between 1 and %g", r, float64(maxOverprovisionRatio)))
 	}
 	if c.LocalImageRoot != "" && (!filepath.IsAbs(c.LocalImageRoot) || filepath.Clean(c.LocalImageRoot) != c.LocalImageRoot) {
 		errs = append(errs, fmt.Errorf("local image root %q must be an absolute, clean path", c.LocalImageRoot))

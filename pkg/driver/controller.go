@@ -65,24 +65,25 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		return nil, toStatus(fmt.Errorf("CreateVolume %q: %w", name, err), atController)
 	}
 	m.Name, m.Capacity = name, capacity
-	if err := d.createReserved(box, m); err != nil {
+	if err := d.createReserved(box, m, atController); err != nil {
 		return nil, err
 	}
 	klog.FromContext(ctx).Info("Created volume", "volume", id, "name", name, "image", params.Image, "digest", m.Digest, "capacity", capacity)
 	return &csi.CreateVolumeResponse{Volume: d.volume(m)}, nil
 }
 
-// createReserved creates the volume once its claim is checked again under
-// the capacity lock, so that concurrent creations cannot together promise
-// more than there is.
-func (d *Driver) createReserved(box layout.Box, r *volumeRecord) error {
+// createReserved creates the volume (a CreateVolume's, or an inline
+// ephemeral one's at its first publish) once its claim is checked again
+// under the capacity lock, so that concurrent creations cannot together
+// promise more than there is.
+func (d *Driver) createReserved(box layout.Box, r *volumeRecord, where service) error {
 	d.capacityMu.Lock()
 	defer d.capacityMu.Unlock()
 	if err := d.reserveCapacity(box.ID(), r.Capacity); err != nil {
 		return err
 	}
 	if err := d.createVolume(box, r); err != nil {
-		return toStatus(err, atController)
+		return toStatus(err, where)
 	}
 	return nil
 }

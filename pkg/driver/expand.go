@@ -27,10 +27,12 @@ import (
 // expandVolume grows the volume's disk to what cr asks for and returns
 // the disk's size. The caller holds the volume's lock.
 //
-// The new size is recorded first (after the capacity check), then the
-// header is rewritten. When a process holds the overlay open the answer
-// is FailedPrecondition, and the recorded size is applied by the next
-// NodeStage, which kubelet follows with NodeExpandVolume again anyway.
+// The size is recorded (after the capacity check) once the header has it,
+// or when a process holding the overlay open stopped the growth: then the
+// answer is FailedPrecondition, and the recorded size is applied by the
+// next NodeStage, which kubelet follows with NodeExpandVolume again anyway.
+// A growth refused for any other reason records nothing, so it reserves
+// no space.
 func (d *Driver) expandVolume(ctx context.Context, box layout.Box, r *volumeRecord, cr *csi.CapacityRange) (int64, error) {
 	want, err := d.capacityFor(cr)
 	if err != nil {
@@ -41,33 +43,45 @@ func (d *Driver) expandVolume(ctx context.Context, box layout.Box, r *volumeReco
 		return 0, err
 	}
 	if !staged {
-		current = uint64(d.volumeDiskSize(r))
+		current = uint64(diskBytes(d.volumeDiskSize(r)))
 	}
+	disk := diskBytes(want)
 	switch {
 	case want == 0:
 		// No size asked for: the plugin never reads the guest's
 		// filesystem to find one, so there is nothing to do.
 		return int64(current), nil
-	case uint64(want) < current || (cr.GetLimitBytes() > 0 && uint64(cr.GetLimitBytes()) < current):
-		return 0, status.Errorf(codes.OutOfRange, "volume %s: its disk is %d bytes, and shrinking is refused (asked for %d..%d bytes)", box.ID(), current, cr.GetRequiredBytes(), cr.GetLimitBytes())
+	case uint64(disk) < current:
+		return 0, status.Errorf(codes.OutOfRange, "volume %s: its disk is %d bytes, and shrinking is refused (asked for %d bytes)", box.ID(), current, want)
+	case cr.GetLimitBytes() > 0 && disk > cr.GetLimitBytes():
+		return 0, status.Errorf(codes.OutOfRange, "volume %s: a disk of %d bytes is a multiple of 512, %d bytes, above the limit of %d", box.ID(), want, disk, cr.GetLimitBytes())
 	}
-	if want > max(r.Capacity, r.ExpandedBytes) {
-		if err := d.recordExpansion(box, r, want); err != nil {
+
+	d.capacityMu.Lock()
+	defer d.capacityMu.Unlock()
+	if want != r.ExpandedBytes {
+		if err := d.reserveCapacity(box.ID(), want); err != nil {
 			return 0, err
 		}
 	}
 	if !staged {
 		// The first NodeStage creates the disk at the recorded size, with
 		// its filesystem grown to match.
-		return want, nil
+		return disk, d.recordExpansion(box, r, want)
 	}
 	e, err := rootfs.ExpandBox(ctx, box, uint64(want))
+	if errors.Is(err, rootfs.ErrOverlayInUse) {
+		if rerr := d.recordExpansion(box, r, want); rerr != nil {
+			return 0, rerr
+		}
+	}
 	if err != nil {
 		return 0, expandStatus(box, want, err)
 	}
-	if err := d.refreshStagedManifest(box, r, e.NewSize); err != nil {
+	if err := d.recordExpansion(box, r, want); err != nil {
 		return 0, err
 	}
+	d.refreshStagedManifest(ctx, box, r, e.NewSize)
 	if e.Changed {
 		klog.FromContext(ctx).Info("Expanded volume", "volume", box.ID(), "oldSize", e.OldSize, "newSize", e.NewSize,
 			"filesystemSize", r.FilesystemSize)
@@ -88,13 +102,11 @@ func diskSize(box layout.Box) (size uint64, staged bool, err error) {
 	return 0, false, toStatus(fmt.Errorf("volume %s: %w: %w", box.ID(), rootfs.ErrRefusedOverlay, err), atNode)
 }
 
-// recordExpansion records the new disk size once it fits beside the other
-// volumes' claims.
+// recordExpansion records the disk size asked for, if the record does not
+// say it already. The caller holds d.capacityMu and checked the capacity.
 func (d *Driver) recordExpansion(box layout.Box, r *volumeRecord, size int64) error {
-	d.capacityMu.Lock()
-	defer d.capacityMu.Unlock()
-	if err := d.reserveCapacity(box.ID(), size); err != nil {
-		return err
+	if r.ExpandedBytes == size {
+		return nil
 	}
 	r.ExpandedBytes = size
 	if err := d.writeRecord(r); err != nil {
@@ -118,13 +130,14 @@ func expandStatus(box layout.Box, want int64, err error) error {
 
 // refreshStagedManifest brings box.json up to date with the disk's new
 // size in every view of a staged box at once (rewriteOwnedManifest). An
-// unstaged box has no owned copy mounted; its next NodeStage writes one.
-func (d *Driver) refreshStagedManifest(box layout.Box, r *volumeRecord, size uint64) error {
-	m := &boxManifest{volumeRecord: *r, VirtualSize: size, Backing: box.BackingName()}
-	if err := d.rewriteOwnedManifest(box, m); err != nil {
-		return toStatus(fmt.Errorf("volume %s: %w", box.ID(), err), atNode)
+// unstaged box has no owned copy; its next NodeStage writes one. box.json
+// is the runtime's, never the plugin's truth, so a rewrite that fails
+// (a pod holding a lease on its view, say) does not fail the expansion:
+// it is logged, and the next NodeStage writes box.json whole.
+func (d *Driver) refreshStagedManifest(ctx context.Context, box layout.Box, r *volumeRecord, size uint64) {
+	if err := d.rewriteOwnedManifest(box, d.manifestFor(box, r, size)); err != nil {
+		klog.FromContext(ctx).Error(err, "Could not bring box.json up to date with the expanded disk; the next NodeStage does", "volume", box.ID())
 	}
-	return nil
 }
 
 // applyPendingExpansion grows a reused disk to the size a NodeExpandVolume

@@ -167,11 +167,18 @@ func TestNodeExpandVolume(t *testing.T) {
 		t.Errorf("volume stats after expansion: %v, %v", stats, err)
 	}
 
-	// Shrinking is refused, and so is a limit below the disk.
-	for _, cr := range []*csi.CapacityRange{{RequiredBytes: 2 * gib}, {RequiredBytes: 1 * gib, LimitBytes: 2 * gib}} {
-		_, err := p.node().NodeExpandVolume(context.Background(), &csi.NodeExpandVolumeRequest{VolumeId: v.id, VolumePath: v.target, CapacityRange: cr})
-		if status.Code(err) != codes.OutOfRange || !strings.Contains(err.Error(), "shrinking is refused") {
-			t.Errorf("expand to %v: %v, want OutOfRange", cr, err)
+	// Shrinking is refused, and so is a limit the disk, a multiple of 512,
+	// would pass.
+	for _, tc := range []struct {
+		cr  *csi.CapacityRange
+		msg string
+	}{
+		{&csi.CapacityRange{RequiredBytes: 2 * gib}, "shrinking is refused"},
+		{&csi.CapacityRange{RequiredBytes: 3*gib + 1, LimitBytes: 3*gib + 1}, "above the limit"},
+	} {
+		_, err := p.node().NodeExpandVolume(context.Background(), &csi.NodeExpandVolumeRequest{VolumeId: v.id, VolumePath: v.target, CapacityRange: tc.cr})
+		if status.Code(err) != codes.OutOfRange || !strings.Contains(err.Error(), tc.msg) {
+			t.Errorf("expand to %v: %v, want OutOfRange saying %q", tc.cr, err, tc.msg)
 		}
 	}
 	if got := v.manifest().VirtualSize; got != 3*gib {
@@ -283,4 +290,66 @@ func TestCapacityAccounting(t *testing.T) {
 	if err := create("pvc-c"); err != nil {
 		t.Errorf("a third claim at --overprovision-ratio=2: %v", err)
 	}
+}
+
+// TestNodeExpandEdges: sizes that are not a multiple of 512 retry cleanly,
+// a growth the overlay cannot take records nothing and reserves nothing,
+// and box.json of a disk of the base's size keeps its filesystem size.
+func TestNodeExpandEdges(t *testing.T) {
+	needRoot(t)
+	params, _ := testImage(t)
+	dir := t.TempDir()
+	cfg := testConfig(dir)
+	cfg.OverprovisionRatio = 1e6 // room for the 5 TiB below
+	p := startPlugin(t, dir, cfg)
+	v := newVolume(t, p, "pvc-edges", params, 0)
+	v.stage()
+	v.publish()
+	base := v.manifest()
+	if base.FilesystemSize == 0 || base.FilesystemSize != base.VirtualSize {
+		t.Fatalf("box.json of a disk of the base's size: disk %d, filesystem %d", base.VirtualSize, base.FilesystemSize)
+	}
+
+	// Not a multiple of 512: the disk is rounded up, and the same call
+	// again is the same answer, not a shrink.
+	for i := 0; i < 2; i++ {
+		rsp, err := v.expand(1*gib + 1)
+		if err != nil || rsp.GetCapacityBytes() != 1*gib+512 {
+			t.Fatalf("expand to 1 GiB + 1 (call %d): %v, %v; want a disk of 1 GiB + 512", i+1, rsp, err)
+		}
+	}
+	m := v.manifest()
+	if m.FilesystemSize != base.FilesystemSize || m.VirtualSize != 1*gib+512 {
+		t.Errorf("box.json after expanding a disk of the base's size: disk %d, filesystem %d; want 1 GiB + 512 over the base's %d",
+			m.VirtualSize, m.FilesystemSize, base.FilesystemSize)
+	}
+
+	// Past what the overlay's L1 table maps in place: refused, and neither
+	// recorded nor reserved.
+	capacity := func() int64 {
+		rsp, err := p.controller().GetCapacity(context.Background(), &csi.GetCapacityRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rsp.GetAvailableCapacity()
+	}
+	before := capacity()
+	if _, err := v.expand(5 << 40); status.Code(err) != codes.OutOfRange {
+		t.Errorf("expand to 5 TiB: %v, want OutOfRange", err)
+	}
+	r, err := p.d.readRecordOnly(v.id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.ExpandedBytes != 1*gib+1 {
+		t.Errorf("a refused expansion was recorded: %d bytes", r.ExpandedBytes)
+	}
+	if after := capacity(); after < before-64<<20 {
+		t.Errorf("a refused expansion reserved space: GetCapacity %d, was %d", after, before)
+	}
+	// A size no disk can have is refused before anything is looked at.
+	if _, err := v.expand(1<<63 - 1); status.Code(err) != codes.OutOfRange {
+		t.Errorf("expand to 8 EiB: %v, want OutOfRange", err)
+	}
+	v.unpublishUnstage()
 }

@@ -257,9 +257,14 @@ func TestRefusals(t *testing.T) {
 		}, codes.AlreadyExists, "different parameters or capacity"},
 		{"capacity over free space", func() error {
 			_, err := p.controller().CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "huge", Parameters: params, VolumeCapabilities: []*csi.VolumeCapability{rwo},
-				CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 60}})
+				CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 50}})
 			return err
 		}, codes.ResourceExhausted, "exceeds"},
+		{"capacity no disk can have", func() error {
+			_, err := p.controller().CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "huger", Parameters: params, VolumeCapabilities: []*csi.VolumeCapability{rwo},
+				CapacityRange: &csi.CapacityRange{RequiredBytes: 1<<63 - 1}})
+			return err
+		}, codes.OutOfRange, "largest disk"},
 		{"escaping volume ID", func() error {
 			_, err := p.node().NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: "../../etc", StagingTargetPath: filepath.Join(dir, "s"), VolumeCapability: rwo})
 			return err

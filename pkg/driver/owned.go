@@ -194,7 +194,10 @@ func (d *Driver) rewriteOwnedManifest(box layout.Box, m *boxManifest) error {
 		return err
 	}
 	owned := d.ownedManifestPath(box.ID())
-	f, err := os.OpenFile(owned, os.O_RDWR|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	// Non-blocking: a pod whose root owns the file as the plugin does can
+	// take a read lease on it through its read-only view, and an open for
+	// writing would then wait out the lease-break time.
+	f, err := os.OpenFile(owned, os.O_RDWR|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}

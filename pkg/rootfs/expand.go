@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"time"
 
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
@@ -11,6 +13,31 @@ import (
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 	"github.com/boxlite-csi/boxlite-csi/pkg/qcow2"
 )
+
+// leaseTries and leaseWait bound how long ExpandBox waits for a brief
+// open of the overlay to end (the plugin's own stats call, a qemu-img
+// info): a VM holds it open for good, and gets FailedPrecondition within
+// about 100 ms.
+const (
+	leaseTries = 10
+	leaseWait  = 10 * time.Millisecond
+)
+
+// takeWriteLease takes a write lease on f, trying again briefly while
+// another descriptor is open.
+func takeWriteLease(ctx context.Context, f *os.File) error {
+	for i := 1; ; i++ {
+		_, err := unix.FcntlInt(f.Fd(), unix.F_SETLEASE, unix.F_WRLCK)
+		if err == nil || i == leaseTries || !(errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EBUSY)) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(leaseWait):
+		}
+	}
+}
 
 // ErrOverlayInUse marks an overlay that another process holds open, such
 // as a running VM. QEMU keeps its own copy of the header while it has the
@@ -50,11 +77,16 @@ func ExpandBox(ctx context.Context, box layout.Box, size uint64) (Expanded, erro
 	defer root.Close()
 	p := box.GuestRootfsDiskPath()
 	f, err := root.OpenFile(relIn(box, p), unix.O_RDWR)
+	if errors.Is(err, unix.EWOULDBLOCK) {
+		// Someone holds a lease on it; a non-blocking open says so
+		// rather than wait for the lease to be broken.
+		return Expanded{}, fmt.Errorf("rootfs: %w: %s is leased by another process: %w", ErrOverlayInUse, p, err)
+	}
 	if err != nil {
 		return Expanded{}, boxPathError(root, box, p, unix.S_IFREG, err)
 	}
 	defer f.Close()
-	if _, err := unix.FcntlInt(f.Fd(), unix.F_SETLEASE, unix.F_WRLCK); err != nil {
+	if err := takeWriteLease(ctx, f); err != nil {
 		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EBUSY) {
 			return Expanded{}, fmt.Errorf("rootfs: %w: %s is open elsewhere (a running VM, or a tool reading it), and its header is never rewritten under a program that has it open: %w",
 				ErrOverlayInUse, p, err)
