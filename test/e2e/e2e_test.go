@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -35,7 +34,7 @@ func gate(t *testing.T) {
 	}
 	testenv.RequireMemory(t, minFreeMem)
 	for _, b := range []string{"go", "etcd", "containerd", "runc", "ctr", "docker-registry", "qemu-system-x86_64",
-		"qemu-img", "debugfs", "apt-get", "dpkg", "ip", "mount", busyboxHost, "/usr/lib/cni/bridge", "/usr/lib/cni/loopback"} {
+		"qemu-img", "debugfs", "e2fsck", "apt-get", "dpkg", "ip", "mount", busyboxHost, "/usr/lib/cni/bridge", "/usr/lib/cni/loopback"} {
 		testenv.RequireTool(t, b, "run test/e2e/install-deps.sh")
 	}
 }
@@ -93,7 +92,9 @@ func TestE2E(t *testing.T) {
 	}
 	bins := buildBinaries(t)
 	s.bins = bins
-	g := buildGuest(t)
+	grow := filepath.Join(s.workDir, "ext4grow")
+	buildLocal(t, ".", "./cmd/ext4grow", grow, "-s -w")
+	g := buildGuest(t, grow)
 	s.chaincheck = filepath.Join(s.workDir, "chaincheck")
 	buildLocal(t, ".", "./cmd/chaincheck", s.chaincheck, "-s -w")
 	pause := filepath.Join(s.workDir, "pause")
@@ -301,7 +302,8 @@ func ephemeralVolume(class string) string {
 `, class)
 }
 
-func pvcYAML(name, class string) string {
+// pvcYAML is a claim of size (a quantity such as 1Gi) in class.
+func pvcYAML(name, class, size string) string {
 	return fmt.Sprintf(`apiVersion: v1
 kind: PersistentVolumeClaim
 metadata:
@@ -310,8 +312,8 @@ metadata:
 spec:
   storageClassName: %s
   accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: 1Gi}}
-`, name, testNamespace, class)
+  resources: {requests: {storage: %s}}
+`, name, testNamespace, class, size)
 }
 
 // The default (non-isolated) layout: shared/ rather than mounts/.
@@ -356,7 +358,7 @@ func (s *suite) testPVCPod(t *testing.T) {
 	if sc != "WaitForFirstConsumer" {
 		t.Fatalf("chart's StorageClass binding mode %q", sc)
 	}
-	c.apply(t, pvcYAML("box1", "boxlite"))
+	c.apply(t, pvcYAML("box1", "boxlite", "1Gi"))
 	// WaitForFirstConsumer: nothing is provisioned before a pod uses it.
 	time.Sleep(2 * time.Second)
 	if ph := c.jsonpath(testNamespace, "pvc/box1", "{.status.phase}"); ph != "Pending" {
@@ -509,7 +511,7 @@ func (s *suite) testDeleteLifecycle(t *testing.T) {
 
 func (s *suite) testPluginRestart(t *testing.T) {
 	c := s.c
-	c.apply(t, pvcYAML("keep", "boxlite"))
+	c.apply(t, pvcYAML("keep", "boxlite", "1Gi"))
 	c.apply(t, podYAML("keeper", claimVolume("keep"), ""))
 	c.waitRunning(t, testNamespace, "keeper", 5*time.Minute)
 	_, m := s.checkBox(t, "keeper", s.image1, s.digest1)
@@ -543,7 +545,7 @@ func (s *suite) testPluginRestart(t *testing.T) {
 	s.checkBox(t, "keeper", s.image1, s.digest1)
 
 	// A new pod after the restart gets a new box.
-	c.apply(t, pvcYAML("fresh", "boxlite"))
+	c.apply(t, pvcYAML("fresh", "boxlite", "1Gi"))
 	c.apply(t, podYAML("fresh", claimVolume("fresh"), ""))
 	c.waitRunning(t, testNamespace, "fresh", 5*time.Minute)
 	_, mf := s.checkBox(t, "fresh", s.image1, s.digest1)
@@ -566,103 +568,4 @@ func (s *suite) testPluginRestart(t *testing.T) {
 		t.Errorf("recreated pod reads %q from its box, want %q", out, written)
 	}
 	c.kubectl(t, "delete", "pod", "-n", testNamespace, "keeper", "--wait=true")
-}
-
-// testMicroVM boots the box's overlay in QEMU (TCG) inside a pod, from the
-// published path, then checks on the node what the guest wrote.
-func (s *suite) testMicroVM(t *testing.T) {
-	c := s.c
-	bases := func() map[string]string {
-		m := map[string]string{}
-		files, _ := filepath.Glob(filepath.Join(c.home, "images", "disk-images", "*.ext4"))
-		for _, f := range files {
-			m[f] = sha256File(t, f)
-		}
-		return m
-	}
-	before := bases()
-	marker := "guest-" + randomHex(6)
-	vm := fmt.Sprintf(`apiVersion: v1
-kind: Pod
-metadata: {name: vm, namespace: %s}
-spec:
-  restartPolicy: Never
-  terminationGracePeriodSeconds: 1
-  containers:
-  - name: vm
-    image: %s
-    imagePullPolicy: Never
-    # Unprivileged, as a tenant's sandbox runs: TCG needs no device and
-    # no capability, only the box's files.
-    securityContext: {privileged: false, allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}
-    command: [qemu-system-x86_64, -accel, tcg, -m, "384", -smp, "1", -nographic, -no-reboot,
-      -kernel, /vmlinuz, -initrd, /initrd.gz,
-      -drive, "file=/box/disks/guest-rootfs.qcow2,format=qcow2,if=virtio",
-      -nic, none, -append, "console=ttyS0 panic=-1 quiet e2e_marker=%s"]
-    volumeMounts:
-    - {name: box, mountPath: /box}
-  volumes:
-  - name: box
-    persistentVolumeClaim: {claimName: vmbox}
-`, testNamespace, toolsImage, marker)
-	c.apply(t, pvcYAML("vmbox", "boxlite"))
-	c.apply(t, vm)
-	vmStart := time.Now()
-	c.waitPhase(t, testNamespace, "vm", "Succeeded", 8*time.Minute)
-	console := c.kubectl(t, "logs", "-n", testNamespace, "vm")
-	t.Logf("guest booted and powered off in %s; console tail:\n%s", time.Since(vmStart).Round(time.Second), tail(console, 1200))
-	if !strings.Contains(console, "E2E-GUEST wrote "+marker) || !strings.Contains(console, "E2E-GUEST image one") {
-		t.Fatalf("guest did not write its marker; console:\n%s", tail(console, 6000))
-	}
-
-	vol := c.pvVolume(t, testNamespace, "vmbox")
-	box := filepath.Join(c.home, "boxes", vol)
-	readGuestFile := func(box string) (string, error) {
-		raw := filepath.Join(s.workDir, filepath.Base(box)+".raw")
-		defer os.Remove(raw)
-		// qemu-img follows the overlay's relative backing name to the box's
-		// own base link, as QEMU did in the pod.
-		if out, err := exec.Command("qemu-img", "convert", "-O", "raw", filepath.Join(box, "disks", "guest-rootfs.qcow2"), raw).CombinedOutput(); err != nil {
-			return "", fmt.Errorf("qemu-img convert: %v: %s", err, out)
-		}
-		out, err := exec.Command("debugfs", "-R", "cat "+guestMarkerFile, raw).CombinedOutput()
-		return string(out), err
-	}
-	got, err := readGuestFile(box)
-	if err != nil || !strings.Contains(got, marker) {
-		t.Errorf("guest's file not in the overlay of %s: %v\n%s", vol, err, got)
-	}
-	after := bases()
-	for f, sum := range before {
-		if after[f] != sum {
-			t.Errorf("base %s changed: sha256 %s before, %s after the guest ran", f, sum, after[f])
-		}
-	}
-	var boxBase, cacheBase syscall.Stat_t
-	if err := syscall.Stat(filepath.Join(box, "base", "rootfs.ext4"), &boxBase); err != nil {
-		t.Fatal(err)
-	}
-	found := false
-	for f := range before {
-		if syscall.Stat(f, &cacheBase) == nil && cacheBase.Ino == boxBase.Ino {
-			found = true
-			t.Logf("VM box's base %s: sha256 %s unchanged", filepath.Base(f), after[f])
-		}
-	}
-	if !found {
-		t.Errorf("the VM's base is not one of the cached bases hashed before the boot")
-	}
-	// Another box on the same base does not see the guest's write.
-	other := filepath.Join(c.home, "boxes", c.pvVolume(t, testNamespace, "fresh"))
-	got, err = readGuestFile(other)
-	switch {
-	case err != nil:
-		t.Errorf("reading the second box %s: %v\n%s", filepath.Base(other), err, got)
-	case strings.Contains(got, marker) || !strings.Contains(got, "File not found"):
-		t.Errorf("a second box on the same base sees the guest's file:\n%s", got)
-	default:
-		t.Logf("second box %s on the same base: %s", filepath.Base(other), strings.Join(strings.Fields(got), " "))
-	}
-	c.kubectl(t, "delete", "pod", "-n", testNamespace, "vm", "fresh", "--wait=true")
-	c.kubectl(t, "delete", "pvc", "-n", testNamespace, "vmbox", "fresh", "keep", "--wait=true")
 }

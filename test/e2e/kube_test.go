@@ -185,6 +185,9 @@ type boxManifest struct {
 	Digest      string `json:"digest"`
 	VirtualSize uint64 `json:"virtualSize"`
 	Backing     string `json:"backing"`
+	// FilesystemSize is the size of the filesystem the plugin laid out in
+	// a fresh overlay: the base's grown to the claim's size.
+	FilesystemSize uint64 `json:"filesystemSize"`
 }
 
 func parseBoxJSON(t testing.TB, data string) boxManifest {

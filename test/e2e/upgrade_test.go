@@ -438,7 +438,7 @@ func (s *suite) testPrevious(t *testing.T) {
 	u.image = c.registry + "/e2e/busybox:upgrade"
 	u.digest = pushImage(t, rootfsImage(t, "upgrade"), u.image)
 	c.apply(t, storageClassYAML(upgradeClass, u.image))
-	c.apply(t, pvcYAML("upg", upgradeClass))
+	c.apply(t, pvcYAML("upg", upgradeClass, "1Gi"))
 	s.startPods(t, "previous", [][2]string{
 		{"upg-pvc", claimVolume("upg")},
 		{"upg-generic", ephemeralVolume(upgradeClass)},
@@ -483,7 +483,7 @@ func (s *suite) testUpgrade(t *testing.T) {
 	s.checkCurrentLayout(t, "upg-pvc")
 	s.mark(t, "upg-pvc", "restaged")
 	// New volumes on the current release, to be kept through the rollback.
-	c.apply(t, pvcYAML("upg-new", upgradeClass))
+	c.apply(t, pvcYAML("upg-new", upgradeClass, "1Gi"))
 	s.startPods(t, "current", [][2]string{
 		{"upg-new", claimVolume("upg-new")},
 		{"upg-inline2", inlineVolume(u.image)},
@@ -556,7 +556,7 @@ func (s *suite) testRollback(t *testing.T) {
 	s.logHome(t, "after the previous release deleted upg-new and upg-inline2")
 
 	// A volume the previous release makes in a home the current one used.
-	c.apply(t, pvcYAML("upg-back", upgradeClass))
+	c.apply(t, pvcYAML("upg-back", upgradeClass, "1Gi"))
 	s.startPods(t, "previous-again", [][2]string{{"upg-back", claimVolume("upg-back")}})
 	s.checkPreviousLayout(t, "upg-back")
 }
