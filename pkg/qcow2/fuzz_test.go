@@ -137,7 +137,9 @@ func FuzzProbeL1(f *testing.F) {
 // file must have no nonzero entry.
 func provablyEmpty(data []byte) bool {
 	be := binary.BigEndian
-	if len(data) >= v3HeaderLen && be.Uint32(data[4:]) == 3 && be.Uint64(data[72:])&IncompatExternalData != 0 {
+	// Only a qcow2 header (magic and all) can name an external data file:
+	// bytes QEMU does not read as qcow2 map nothing.
+	if len(data) >= v3HeaderLen && be.Uint32(data) == Magic && be.Uint32(data[4:]) == 3 && be.Uint64(data[72:])&IncompatExternalData != 0 {
 		return false
 	}
 	if len(data) <= 512 {
