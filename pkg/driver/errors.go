@@ -48,7 +48,7 @@ func toStatus(err error, where service) error {
 	switch {
 	case errors.As(err, &badID), errors.Is(err, errInvalidParam), source.IsInvalidArgument(err):
 		return status.Error(codes.InvalidArgument, msg)
-	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
+	case errors.Is(err, rootfs.ErrBuilding), errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
 		// The base build outlives the call; the retry joins it.
 		return status.Error(codes.Aborted, msg)
 	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):

@@ -516,8 +516,8 @@ func (fr *faultRegistry) setFault(f func(w http.ResponseWriter, r *http.Request,
 // TestFaultRegistrySlow stalls the registry past the caller's deadline.
 // A CreateVolume that ran out of time created nothing and says Aborted
 // (a gRPC client may see its own DeadlineExceeded first). A NodeStage
-// whose build is waiting on a layer says Aborted, leaves the build
-// running, and its retry joins it.
+// whose build is waiting on a layer says Aborted with the build's
+// progress, leaves the build running, and its retry joins it.
 func TestFaultRegistrySlow(t *testing.T) {
 	needRoot(t)
 	fr := newFaultRegistry(t)
@@ -571,7 +571,10 @@ func TestFaultRegistrySlow(t *testing.T) {
 		short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
 		defer cancel()
 		_, err := p.d.NodeStageVolume(short, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: rwo})
-		wantStatus(t, "NodeStage (in process)", err, codes.Aborted, "continues in the background")
+		// The answer says what is happening, and how far it got: the layer
+		// is stalled before its first byte.
+		wantStatus(t, "NodeStage (in process)", err, codes.Aborted, "building the base for "+fr.Ref("bb:1"), "0 of ", "layer 1 of 1", "next retry joins it")
+		t.Logf("NodeStage while the layer is stalled: %v", err)
 		assertNoDisk(t, box)
 		if n := dirEntries(t, p.d.home.Images().DiskImagesDir()); len(n) != 0 {
 			t.Errorf("a base was installed while its layer was still stalled: %v", n)

@@ -181,7 +181,7 @@ func (d *Driver) ensureBase(ctx context.Context, m *volumeRecord, p volumeParams
 	if p.PullPolicy == PullNever {
 		return rootfs.Base{}, status.Errorf(codes.FailedPrecondition, "base for %s (%s) is not in the node cache and pullPolicy is %s", m.Image, m.Digest, PullNever)
 	}
-	return d.cache.Ensure(ctx, key, func(ctx context.Context, out *os.File) (rootfs.BaseInfo, error) {
+	b, err := d.cache.Ensure(ctx, key, func(ctx context.Context, out *os.File) (rootfs.BaseInfo, error) {
 		ref, err := source.Parse(m.Pinned)
 		if err != nil {
 			return rootfs.BaseInfo{}, err
@@ -206,6 +206,15 @@ func (d *Driver) ensureBase(ctx context.Context, m *volumeRecord, p volumeParams
 			Config:      cfg,
 		}, nil
 	})
+	var building *rootfs.BuildingError
+	if errors.As(err, &building) {
+		// What kubelet shows the user (kubectl describe pod) while the pod
+		// waits: answered just before kubelet's deadline, so that it says
+		// how far the build got rather than only DeadlineExceeded.
+		return b, status.Errorf(codes.Aborted, "building the base for %s (%s): %s; the build goes on, and the next retry joins it",
+			m.Image, m.Digest, building.Progress)
+	}
+	return b, err
 }
 
 // indexDigestOf is the digest of the index the volume's image was picked

@@ -47,6 +47,11 @@ type CacheConfig struct {
 	MaxConcurrentBuilds int
 	// Observer, if set, hears about every build and eviction.
 	Observer CacheObserver
+	// AnswerMargin is how long before the caller's deadline Ensure stops
+	// waiting for a build and answers with its progress
+	// (*BuildingError), so that the caller can say how far the build got
+	// instead of running out of time with nothing to show. Default 5 s.
+	AnswerMargin time.Duration
 }
 
 // CacheObserver hears about builds (how long, and whether they installed a
@@ -76,6 +81,9 @@ func (c *CacheConfig) setDefaults() error {
 	}
 	if c.Grace == 0 {
 		c.Grace = 5 * time.Minute
+	}
+	if c.AnswerMargin == 0 {
+		c.AnswerMargin = 5 * time.Second
 	}
 	if !(c.LowWatermark > 0 && c.LowWatermark < c.HighWatermark && c.HighWatermark <= 1) {
 		return fmt.Errorf("rootfs: watermarks must satisfy 0 < low (%v) < high (%v) <= 1", c.LowWatermark, c.HighWatermark)
@@ -108,9 +116,10 @@ type Cache struct {
 
 // flight is one build in progress; every caller for its key waits on done.
 type flight struct {
-	done chan struct{}
-	base Base
-	err  error
+	done     chan struct{}
+	progress *BuildProgress
+	base     Base
+	err      error
 }
 
 // NewCache prepares the home and removes temp files that no live builder
@@ -189,10 +198,10 @@ func (c *Cache) Ensure(ctx context.Context, k Key, build BuildFunc) (Base, error
 	c.mu.Lock()
 	f, joined := c.flights[k]
 	if !joined {
-		f = &flight{done: make(chan struct{})}
+		f = &flight{done: make(chan struct{}), progress: newBuildProgress()}
 		c.flights[k] = f
 		// Keep ctx's values (the logger) but not its cancellation.
-		bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.BuildTimeout)
+		bctx, cancel := context.WithTimeout(withProgress(context.WithoutCancel(ctx), f.progress), c.cfg.BuildTimeout)
 		go func() {
 			defer cancel()
 			f.base, f.err = c.buildOnce(bctx, k, build)
@@ -207,11 +216,21 @@ func (c *Cache) Ensure(ctx context.Context, k Key, build BuildFunc) (Base, error
 		klog.FromContext(ctx).V(4).Info("Joining base build in flight", "key", k)
 	}
 
+	// Answer a little before the caller's deadline, with how far the
+	// build got: a call that just runs out of time tells its user nothing.
+	var early <-chan time.Time
+	if at, ok := answerBy(ctx, c.cfg.AnswerMargin); ok {
+		t := time.NewTimer(time.Until(at))
+		defer t.Stop()
+		early = t.C
+	}
 	select {
 	case <-f.done:
 		return f.base, f.err
+	case <-early:
+		return Base{}, &BuildingError{Key: k, Progress: f.progress.Snapshot()}
 	case <-ctx.Done():
-		return Base{}, fmt.Errorf("rootfs: waiting for base %s: %w (the build continues in the background; retry to join it)", k, ctx.Err())
+		return Base{}, &BuildingError{Key: k, Progress: f.progress.Snapshot(), Err: ctx.Err()}
 	}
 }
 

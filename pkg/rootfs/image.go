@@ -89,11 +89,21 @@ func (b *Ext4Builder) Build(ctx context.Context, img v1.Image, out *os.File) err
 			b.Observer.ObservePull(pulled, lastFetch.Sub(start), err)
 		}
 	}
+	progress := ProgressFrom(ctx)
+	var total int64
+	for _, l := range layers {
+		// The manifest's sizes: nothing is fetched to learn them.
+		if n, err := l.Size(); err == nil && n > 0 {
+			total += n
+		}
+	}
+	progress.SetLayers(len(layers), total)
 	var next *layerStream
 	if len(layers) > 0 {
 		next = startLayer(ctx, layers[0])
 	}
 	for i := range layers {
+		progress.StartLayer(i + 1)
 		cur := next
 		if i+1 < len(layers) {
 			next = startLayer(ctx, layers[i+1])
@@ -175,7 +185,7 @@ func (s *layerStream) fetch(ctx context.Context, l v1.Layer) error {
 	}
 	defer rc.Close()
 	h := sha256.New()
-	counted := &countingReader{r: io.TeeReader(rc, h)}
+	counted := &countingReader{r: io.TeeReader(rc, h), progress: ProgressFrom(ctx)}
 	defer func() { s.received = counted.n }()
 	src := bufio.NewReaderSize(counted, 1<<20)
 	cw := &chunkWriter{ctx: ctx, out: s.chunks, free: s.free}
@@ -340,10 +350,14 @@ func decompress(mt types.MediaType, r *bufio.Reader, w io.Writer) error {
 type countingReader struct {
 	r io.Reader
 	n int64
+	// progress, when set, counts the bytes too, for the callers waiting
+	// on the build.
+	progress *BuildProgress
 }
 
 func (c *countingReader) Read(p []byte) (int, error) {
 	n, err := c.r.Read(p)
 	c.n += int64(n)
+	c.progress.Add(int64(n))
 	return n, err
 }
