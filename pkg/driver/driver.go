@@ -90,6 +90,7 @@ func New(ctx context.Context, cfg Config, builder BaseBuilder) (*Driver, error) 
 		LowWatermark:        cfg.CacheLowWatermark,
 		MaxBytes:            cfg.CacheMaxBytes,
 		Grace:               cfg.CacheGrace,
+		Deterministic:       deterministicBuildFailure,
 	})
 	if err != nil {
 		return nil, err

@@ -543,6 +543,14 @@ func TestHostileImages(t *testing.T) {
 			if b, _, err := p.d.cache.Lookup(rootfs.Key{Digest: mustManifest(t, p.d, box).Digest, Builder: rootfs.Ext4BuilderVersion}); err != nil || b.Path != "" {
 				t.Errorf("a refused image was cached: %v %v", b, err)
 			}
+			// The image cannot get better: the retry answers the same from
+			// memory, without pulling the image again.
+			pulls := reg.ManifestGETs()
+			err = stageVolume(testCtx(t), p, id, staging)
+			wantStatus(t, "NodeStage again", err, tc.code, append([]string{"remembered from a build"}, tc.msg...)...)
+			if n := reg.ManifestGETs(); n != pulls {
+				t.Errorf("the retry asked the registry for %d more manifests", n-pulls)
+			}
 		})
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
+	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/ext4"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/source"
 )
 
@@ -215,6 +216,18 @@ func (d *Driver) ensureBase(ctx context.Context, m *volumeRecord, p volumeParams
 			m.Image, m.Digest, building.Progress)
 	}
 	return b, err
+}
+
+// deterministicBuildFailure says which build failures the cache remembers
+// rather than pull again for on every retry: the image is over the
+// builder's limits, has entries the builder refuses, or is for another
+// platform. None of that changes for a digest until the node's limits do,
+// which takes a restart, which forgets them.
+func deterministicBuildFailure(err error) bool {
+	var limit *ext4.LimitError
+	var entry *ext4.EntryError
+	var platform *source.PlatformNotFoundError
+	return errors.As(err, &limit) || errors.As(err, &entry) || errors.As(err, &platform)
 }
 
 // indexDigestOf is the digest of the index the volume's image was picked

@@ -47,6 +47,17 @@ type CacheConfig struct {
 	MaxConcurrentBuilds int
 	// Observer, if set, hears about every build and eviction.
 	Observer CacheObserver
+	// Deterministic, when set, says which build failures would only
+	// happen again: an image over the builder's limits, one for another
+	// platform. Such a failure is remembered for FailureTTL and returned
+	// to every caller in that time without pulling again. The memory is
+	// per process and keyed by Key (digest and builder version), never by
+	// tag; the builder's limits are fixed for a process's life, so that
+	// is the key with the limits in it too.
+	Deterministic func(error) bool
+	// FailureTTL is how long a deterministic failure is remembered.
+	// Default 10 minutes.
+	FailureTTL time.Duration
 	// AnswerMargin is how long before the caller's deadline Ensure stops
 	// waiting for a build and answers with its progress
 	// (*BuildingError), so that the caller can say how far the build got
@@ -85,6 +96,9 @@ func (c *CacheConfig) setDefaults() error {
 	if c.AnswerMargin == 0 {
 		c.AnswerMargin = 5 * time.Second
 	}
+	if c.FailureTTL == 0 {
+		c.FailureTTL = 10 * time.Minute
+	}
 	if !(c.LowWatermark > 0 && c.LowWatermark < c.HighWatermark && c.HighWatermark <= 1) {
 		return fmt.Errorf("rootfs: watermarks must satisfy 0 < low (%v) < high (%v) <= 1", c.LowWatermark, c.HighWatermark)
 	}
@@ -109,6 +123,8 @@ type Cache struct {
 
 	mu      sync.Mutex
 	flights map[Key]*flight
+	// failed holds the deterministic failures remembered (Deterministic).
+	failed map[Key]failure
 	// slots holds a token for every build running; its capacity is
 	// MaxConcurrentBuilds.
 	slots chan struct{}
@@ -122,6 +138,28 @@ type flight struct {
 	err      error
 }
 
+// failure is a deterministic build failure being remembered.
+type failure struct {
+	err       error
+	at, until time.Time
+}
+
+// RememberedError is a deterministic build failure returned again
+// without building: it wraps the original, so it is classified as that
+// was.
+type RememberedError struct {
+	Key       Key
+	At, Until time.Time
+	Err       error
+}
+
+func (e *RememberedError) Error() string {
+	return fmt.Sprintf("%v (remembered from a build of %s at %s, which would fail the same way; it is tried again after %s)",
+		e.Err, e.Key, e.At.UTC().Format(time.RFC3339), e.Until.UTC().Format(time.RFC3339))
+}
+
+func (e *RememberedError) Unwrap() error { return e.Err }
+
 // NewCache prepares the home and removes temp files that no live builder
 // owns: a build killed halfway leaves only a file in tmp/, never one at a
 // final path.
@@ -132,7 +170,7 @@ func NewCache(ctx context.Context, cfg CacheConfig) (*Cache, error) {
 	if err := cfg.Home.Prepare(); err != nil {
 		return nil, err
 	}
-	c := &Cache{cfg: cfg, flights: map[Key]*flight{}, slots: make(chan struct{}, cfg.MaxConcurrentBuilds)}
+	c := &Cache{cfg: cfg, flights: map[Key]*flight{}, failed: map[Key]failure{}, slots: make(chan struct{}, cfg.MaxConcurrentBuilds)}
 	if err := c.removeStaleTemps(ctx); err != nil {
 		return nil, err
 	}
@@ -196,6 +234,13 @@ func (c *Cache) Ensure(ctx context.Context, k Key, build BuildFunc) (Base, error
 	}
 
 	c.mu.Lock()
+	if m, ok := c.failed[k]; ok {
+		if time.Now().Before(m.until) {
+			c.mu.Unlock()
+			return Base{}, &RememberedError{Key: k, At: m.at, Until: m.until, Err: m.err}
+		}
+		delete(c.failed, k)
+	}
 	f, joined := c.flights[k]
 	if !joined {
 		f = &flight{done: make(chan struct{}), progress: newBuildProgress()}
@@ -207,6 +252,10 @@ func (c *Cache) Ensure(ctx context.Context, k Key, build BuildFunc) (Base, error
 			f.base, f.err = c.buildOnce(bctx, k, build)
 			c.mu.Lock()
 			delete(c.flights, k)
+			if f.err != nil && c.cfg.Deterministic != nil && c.cfg.Deterministic(f.err) {
+				now := time.Now()
+				c.failed[k] = failure{err: f.err, at: now, until: now.Add(c.cfg.FailureTTL)}
+			}
 			c.mu.Unlock()
 			close(f.done)
 		}()

@@ -442,3 +442,44 @@ func TestMaxConcurrentBuildsDefault(t *testing.T) {
 		t.Fatal("a negative MaxConcurrentBuilds was accepted")
 	}
 }
+
+// TestDeterministicFailureRemembered: a failure the caller calls
+// deterministic is returned again without building until FailureTTL has
+// passed; any other failure is built again at once.
+func TestDeterministicFailureRemembered(t *testing.T) {
+	errSame := errors.New("over the limits")
+	c, err := NewCache(context.Background(), CacheConfig{
+		Home:          layout.NewHome(t.TempDir(), layout.Config{}),
+		Deterministic: func(err error) bool { return errors.Is(err, errSame) },
+		FailureTTL:    200 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var builds atomic.Int32
+	failWith := func(e error) BuildFunc {
+		return plainBuild(func(context.Context, *os.File) error { builds.Add(1); return e })
+	}
+	ctx := context.Background()
+	for i := 0; i < 3; i++ {
+		_, err := c.Ensure(ctx, testKey(3), failWith(errSame))
+		var rem *RememberedError
+		if !errors.Is(err, errSame) || (i > 0) != errors.As(err, &rem) {
+			t.Fatalf("call %d: %v; want the failure, remembered after the first", i+1, err)
+		}
+	}
+	if n := builds.Load(); n != 1 {
+		t.Errorf("%d builds for a remembered failure, want 1", n)
+	}
+	time.Sleep(250 * time.Millisecond) // past FailureTTL
+	if _, err := c.Ensure(ctx, testKey(3), failWith(errSame)); err == nil || builds.Load() != 2 {
+		t.Errorf("after FailureTTL: %v, %d builds; want a new build", err, builds.Load())
+	}
+	other := errors.New("registry down")
+	for i := 0; i < 2; i++ {
+		c.Ensure(ctx, testKey(4), failWith(other))
+	}
+	if n := builds.Load(); n != 4 {
+		t.Errorf("%d builds, want every other failure built again (4)", n)
+	}
+}
