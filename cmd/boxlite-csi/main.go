@@ -108,6 +108,11 @@ and Node services for its own node.
 
 Sizes accept plain bytes or Ki, Mi, Gi, Ti suffixes.
 
+Operator commands, run on --home beside the plugin (each takes --home and
+-o table|json, and --help):
+  boxlite-csi cache ls   the base disks in the node cache
+  boxlite-csi box ls     the volumes, their disks and where they are mounted
+
 Flags:
 `)
 		fs.PrintDefaults()
@@ -116,6 +121,9 @@ Flags:
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if isCLI(args) {
+		return runCLI(args, stdout, stderr)
+	}
 	var o options
 	fs := newFlagSet(&o, stderr)
 	if err := fs.Parse(args); err != nil {

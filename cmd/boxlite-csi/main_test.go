@@ -98,15 +98,7 @@ func TestRunServesUntilCancelled(t *testing.T) {
 	go func() {
 		done <- run(ctx, []string{"--home", filepath.Join(dir, "home"), "--endpoint", "unix://" + sock, "--node-id", "n1"}, &stderr, &stderr)
 	}()
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if c, err := net.Dial("unix", sock); err == nil {
-			c.Close()
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("socket never appeared; output:\n%s", stderr.String())
-		}
-	}
+	waitSocket(t, sock, &stderr)
 	for _, d := range []string{"boxes", "tmp", "images/disk-images", "locks"} {
 		if _, err := os.Stat(filepath.Join(dir, "home", d)); err != nil {
 			t.Errorf("home not prepared: %v", err)
@@ -115,6 +107,20 @@ func TestRunServesUntilCancelled(t *testing.T) {
 	cancel()
 	if code := <-done; code != 0 {
 		t.Fatalf("exit %d after cancel; output:\n%s", code, stderr.String())
+	}
+}
+
+// waitSocket waits for a plugin started by run to listen on sock.
+func waitSocket(t *testing.T, sock string, output *syncBuffer) {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("socket never appeared; output:\n%s", output.String())
+		}
 	}
 }
 

@@ -47,9 +47,20 @@ type cachedBase struct {
 // usage returns the cache's bases and how full the cache filesystem is.
 func (c *Cache) usage() (bases []cachedBase, cacheBytes int64, used float64, err error) {
 	dir := c.cfg.Home.Images().DiskImagesDir()
+	bases, cacheBytes, err = listBases(dir)
+	if err != nil {
+		return nil, 0, 0, err
+	}
+	used, err = usedFraction(dir)
+	return bases, cacheBytes, used, err
+}
+
+// listBases reads the installed bases in dir, the cache's disk-images
+// directory, and the space they occupy.
+func listBases(dir string) (bases []cachedBase, cacheBytes int64, err error) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
-		return nil, 0, 0, fmt.Errorf("rootfs: list cache %s: %w", dir, err)
+		return nil, 0, fmt.Errorf("rootfs: list cache %s: %w", dir, err)
 	}
 	for _, e := range ents {
 		k, ok := parseFileName(e.Name())
@@ -62,7 +73,7 @@ func (c *Cache) usage() (bases []cachedBase, cacheBytes int64, used float64, err
 			if errors.Is(err, fs.ErrNotExist) {
 				continue
 			}
-			return nil, 0, 0, fmt.Errorf("rootfs: stat %s: %w", p, err)
+			return nil, 0, fmt.Errorf("rootfs: stat %s: %w", p, err)
 		}
 		last := time.Unix(st.Atim.Unix())
 		if m := time.Unix(st.Mtim.Unix()); m.After(last) {
@@ -72,8 +83,53 @@ func (c *Cache) usage() (bases []cachedBase, cacheBytes int64, used float64, err
 		bases = append(bases, b)
 		cacheBytes += b.bytes
 	}
-	used, err = usedFraction(dir)
-	return bases, cacheBytes, used, err
+	return bases, cacheBytes, nil
+}
+
+// CachedBase is one installed base as an operator sees it.
+type CachedBase struct {
+	Key  Key
+	Path string
+	// Bytes is the space it occupies (it is sparse), Size its length.
+	Bytes, Size int64
+	// Links is how many hard links other than the cache's own hold it:
+	// boxes, the plugin's owned copies of their bases, and snapshots.
+	Links int
+	// LastUsed is the later of its access and modification times, which
+	// is what eviction orders by.
+	LastUsed time.Time
+	// Info is its record (image config, index digest, anonymous pull);
+	// InfoErr says why it could not be read, if it could not.
+	Info    BaseInfo
+	InfoErr string
+}
+
+// ListBases reads the bases installed in home's cache, straight from
+// disk. It changes nothing and takes no lock, so it is safe beside a
+// running plugin (a base being installed or evicted at that moment may be
+// missing from the answer or present without its record).
+func ListBases(home layout.Home) ([]CachedBase, error) {
+	dir := home.Images().DiskImagesDir()
+	bases, _, err := listBases(dir)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]CachedBase, 0, len(bases))
+	for _, b := range bases {
+		cb := CachedBase{Key: b.key, Path: b.path, Bytes: b.bytes, Links: int(b.nlink) - 1, LastUsed: b.lastUse}
+		if st, err := os.Lstat(b.path); err == nil {
+			cb.Size = st.Size()
+		}
+		raw, err := safeopen.ReadRegular(b.path+infoSuffix, maxBaseInfoBytes)
+		if err == nil {
+			cb.Info, err = ParseBaseInfo(raw, b.key, b.path+infoSuffix)
+		}
+		if err != nil {
+			cb.InfoErr = err.Error()
+		}
+		out = append(out, cb)
+	}
+	return out, nil
 }
 
 // usedFraction is the filesystem's use as df computes it: space reserved

@@ -1,0 +1,96 @@
+package driver
+
+// The inventory is what an operator's `boxlite-csi box ls` reads: the
+// volumes of a home, from their records and their boxes, straight from
+// disk. It changes nothing and takes no lock, so it is safe beside a
+// running plugin; a volume created or deleted at that moment may be
+// missing or half there in the answer.
+
+import (
+	"errors"
+	"io/fs"
+	"os"
+	"sort"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
+	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
+)
+
+// VolumeInfo is one volume as an operator sees it.
+type VolumeInfo struct {
+	ID string `json:"volumeID"`
+	// Name is the CreateVolume name; empty for an inline volume.
+	Name      string `json:"name,omitempty"`
+	Ephemeral bool   `json:"ephemeral,omitempty"`
+	Image     string `json:"image"`
+	Digest    string `json:"digest"`
+	// Capacity is what CreateVolume asked for; ExpandedBytes what the
+	// latest NodeExpandVolume asked for.
+	Capacity      int64 `json:"capacityBytes"`
+	ExpandedBytes int64 `json:"expandedBytes,omitempty"`
+	// DiskBytes is the overlay's virtual size, 0 before the first stage;
+	// FilesystemBytes the filesystem the plugin made in it (0: the
+	// base's); AllocatedBytes what the overlay occupies.
+	DiskBytes       uint64 `json:"diskBytes"`
+	FilesystemBytes uint64 `json:"filesystemBytes,omitempty"`
+	AllocatedBytes  int64  `json:"allocatedBytes"`
+	// Mounts are the staging and target paths that show the box.
+	Mounts []string `json:"mounts,omitempty"`
+	// Problem says what is wrong with the volume's record or box, if
+	// anything could not be read; the rest is what could.
+	Problem string `json:"problem,omitempty"`
+}
+
+// ListVolumes reads the volumes of the home at dir, sorted by ID.
+func ListVolumes(dir string) ([]VolumeInfo, error) {
+	d := &Driver{home: layout.NewHome(dir, layout.Config{})}
+	ents, err := os.ReadDir(d.recordsDir())
+	if err != nil {
+		return nil, err
+	}
+	var out []VolumeInfo
+	for _, e := range ents {
+		id, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok || strings.HasPrefix(id, ".") || strings.HasSuffix(e.Name(), ownedManifestSuffix) || !e.Type().IsRegular() {
+			continue
+		}
+		out = append(out, d.volumeInfo(id))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out, nil
+}
+
+// volumeInfo reads what it can of one volume.
+func (d *Driver) volumeInfo(id string) VolumeInfo {
+	v := VolumeInfo{ID: id}
+	r, err := d.readRecordOnly(id)
+	if err != nil {
+		v.Problem = err.Error()
+		return v
+	}
+	v.Name, v.Ephemeral, v.Image, v.Digest = r.Name, r.Ephemeral, r.Image, r.Digest
+	v.Capacity, v.ExpandedBytes, v.FilesystemBytes = r.Capacity, r.ExpandedBytes, r.FilesystemSize
+	box, err := d.home.Box(id)
+	if err != nil {
+		v.Problem = err.Error()
+		return v
+	}
+	if err := unix.Lstat(box.Root(), new(unix.Stat_t)); err != nil {
+		v.Problem = "no box at " + box.Root() + ": " + err.Error()
+		return v
+	}
+	v.AllocatedBytes = allocatedBytes(d.home, id)
+	switch h, err := rootfs.VerifyOverlay(box); {
+	case err == nil:
+		v.DiskBytes = h.Size
+	case !errors.Is(err, fs.ErrNotExist):
+		v.Problem = err.Error()
+	}
+	if m, err := readBoxMounts(box); err == nil {
+		v.Mounts = m.outside
+	}
+	return v
+}
