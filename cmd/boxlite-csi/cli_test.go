@@ -3,8 +3,10 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -91,7 +93,34 @@ func TestCLIListsWhatThePluginMade(t *testing.T) {
 	if v := vols[0]; v.ID != id || v.DiskBytes != 1<<30 || v.FilesystemBytes < 1<<30/100*95 || len(v.Mounts) != 1 || v.Mounts[0] != staging || v.Problem != "" {
 		t.Errorf("box ls -o json: %+v; want the 1 GiB disk staged at %s", v, staging)
 	}
-	for _, bad := range [][]string{{"box", "rm"}, {"cache", "ls", "-o", "yaml"}, {"box", "ls", "extra"}} {
+	out, code = cli("box", "inspect", id)
+	if code != 0 || !strings.Contains(out, "Disk:") || !strings.Contains(out, "1.0Gi") || !strings.Contains(out, staging) {
+		t.Errorf("box inspect (exit %d):\n%s", code, out)
+	}
+	if out, code = cli("box", "check", id); code != 0 || !strings.Contains(out, "healthy") {
+		t.Errorf("box check of a healthy box (exit %d):\n%s", code, out)
+	}
+	// A pod swaps its overlay for a FIFO: the check says so, and exits 1,
+	// without blocking on it.
+	overlay := filepath.Join(staging, "disks", "guest-rootfs.qcow2")
+	if err := os.Rename(overlay, overlay+".away"); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mkfifo(overlay, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, code = cli("box", "check", id)
+	os.Remove(overlay)
+	if err := os.Rename(overlay+".away", overlay); err != nil {
+		t.Fatal(err)
+	}
+	if code != 1 || !strings.Contains(out, "INACCESSIBLE OverlayTampered") {
+		t.Errorf("box check of a box whose overlay is a FIFO (exit %d):\n%s", code, out)
+	}
+	if out, code := cli("box", "inspect", "bx-nope"); code != 1 || !strings.Contains(out, "bx-nope") {
+		t.Errorf("box inspect of no volume (exit %d):\n%s", code, out)
+	}
+	for _, bad := range [][]string{{"box", "rm"}, {"cache", "ls", "-o", "yaml"}, {"box", "ls", "extra"}, {"box", "check"}} {
 		if out, code := cli(bad...); code != 2 {
 			t.Errorf("%q: exit %d, want 2:\n%s", bad, code, out)
 		}

@@ -110,8 +110,10 @@ Sizes accept plain bytes or Ki, Mi, Gi, Ti suffixes.
 
 Operator commands, run on --home beside the plugin (each takes --home and
 -o table|json, and --help):
-  boxlite-csi cache ls   the base disks in the node cache
-  boxlite-csi box ls     the volumes, their disks and where they are mounted
+  boxlite-csi cache ls            the base disks in the node cache
+  boxlite-csi box ls              the volumes, their disks and where they are mounted
+  boxlite-csi box inspect VOLUME  one volume in full
+  boxlite-csi box check VOLUME    its disk's health, as NodeGetVolumeHealth says it; exit 1 if unhealthy
 
 Flags:
 `)

@@ -8,6 +8,7 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 
+	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 	"github.com/boxlite-csi/boxlite-csi/pkg/qcow2"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
 )
@@ -34,24 +35,8 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 	add := func(t csi.VolumeHealthErrorType, reason, format string, args ...any) {
 		entries = append(entries, &csi.VolumeHealth_VolumeHealthEntry{Status: t, Reason: reason, Message: fmt.Sprintf(format, args...)})
 	}
-
-	overlay := box.GuestRootfsDiskPath()
-	_, verr := rootfs.VerifyOverlay(box)
-	switch {
-	case verr == nil:
-	case errors.Is(verr, fs.ErrNotExist):
-		// Not staged yet: nothing to judge.
-	case qcow2.IsCorrupt(verr):
-		add(csi.VolumeHealthErrorType_DATA_LOSS, "OverlayCorrupt", "%v", verr)
-	case qcow2.IsTampered(verr):
-		add(csi.VolumeHealthErrorType_INACCESSIBLE, "OverlayTampered", "%v", verr)
-	default:
-		add(csi.VolumeHealthErrorType_INACCESSIBLE, "OverlayUnreadable", "%v", verr)
-	}
-	if verr == nil {
-		if err := rootfs.VerifyBase(box); err != nil {
-			add(csi.VolumeHealthErrorType_INACCESSIBLE, "BaseMissing", "overlay %s has missing backing file %s: %v", overlay, box.BasePath(), err)
-		}
+	for _, v := range diskVerdicts(box) {
+		add(csi.VolumeHealthErrorType(csi.VolumeHealthErrorType_value[v.Status]), v.Reason, "%s", v.Message)
 	}
 	for _, p := range []string{req.GetStagingTargetPath(), req.GetVolumePublishPath()} {
 		if p == "" {
@@ -65,6 +50,40 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 		add(csi.VolumeHealthErrorType_DEGRADED, "CacheAboveHighWatermark", "the node cache filesystem is %.0f%% full, above the %.0f%% high watermark", used*100, high*100)
 	}
 	return &csi.NodeGetVolumeHealthResponse{VolumeHealth: &csi.VolumeHealth{VolumeId: box.ID(), HealthStatuses: entries}}, nil
+}
+
+// Verdict is one problem found with a volume's disk: Status is a CSI
+// VolumeHealthErrorType name (DATA_LOSS, INACCESSIBLE, DEGRADED).
+type Verdict struct {
+	Status  string `json:"status"`
+	Reason  string `json:"reason"`
+	Message string `json:"message"`
+}
+
+// diskVerdicts judges the box's disk as NodeGetVolumeHealth and
+// `boxlite-csi box check` report it: the overlay's header, and the base
+// link it names. A box not staged yet has nothing to judge.
+func diskVerdicts(box layout.Box) []Verdict {
+	var out []Verdict
+	add := func(t csi.VolumeHealthErrorType, reason, msg string) {
+		out = append(out, Verdict{Status: t.String(), Reason: reason, Message: msg})
+	}
+	_, verr := rootfs.VerifyOverlay(box)
+	switch {
+	case verr == nil:
+		if err := rootfs.VerifyBase(box); err != nil {
+			add(csi.VolumeHealthErrorType_INACCESSIBLE, "BaseMissing",
+				fmt.Sprintf("overlay %s has missing backing file %s: %v", box.GuestRootfsDiskPath(), box.BasePath(), err))
+		}
+	case errors.Is(verr, fs.ErrNotExist):
+	case qcow2.IsCorrupt(verr):
+		add(csi.VolumeHealthErrorType_DATA_LOSS, "OverlayCorrupt", verr.Error())
+	case qcow2.IsTampered(verr):
+		add(csi.VolumeHealthErrorType_INACCESSIBLE, "OverlayTampered", verr.Error())
+	default:
+		add(csi.VolumeHealthErrorType_INACCESSIBLE, "OverlayUnreadable", verr.Error())
+	}
+	return out
 }
 
 // NodeGetStorageHealth reports the node cache: space against the

@@ -7,8 +7,7 @@ package driver
 // missing or half there in the answer.
 
 import (
-	"errors"
-	"io/fs"
+	"fmt"
 	"os"
 	"sort"
 	"strings"
@@ -39,9 +38,24 @@ type VolumeInfo struct {
 	AllocatedBytes  int64  `json:"allocatedBytes"`
 	// Mounts are the staging and target paths that show the box.
 	Mounts []string `json:"mounts,omitempty"`
+	// Health is what NodeGetVolumeHealth would say of the disk.
+	Health []Verdict `json:"health,omitempty"`
 	// Problem says what is wrong with the volume's record or box, if
 	// anything could not be read; the rest is what could.
 	Problem string `json:"problem,omitempty"`
+}
+
+// InspectVolume reads one volume of the home at dir. A volume with no
+// record wraps fs.ErrNotExist.
+func InspectVolume(dir, id string) (VolumeInfo, error) {
+	d := &Driver{home: layout.NewHome(dir, layout.Config{})}
+	if _, err := d.home.Box(id); err != nil {
+		return VolumeInfo{}, err
+	}
+	if _, err := d.readRecordOnly(id); err != nil {
+		return VolumeInfo{}, fmt.Errorf("volume %s: %w", id, err)
+	}
+	return d.volumeInfo(id), nil
 }
 
 // ListVolumes reads the volumes of the home at dir, sorted by ID.
@@ -83,12 +97,10 @@ func (d *Driver) volumeInfo(id string) VolumeInfo {
 		return v
 	}
 	v.AllocatedBytes = allocatedBytes(d.home, id)
-	switch h, err := rootfs.VerifyOverlay(box); {
-	case err == nil:
+	if h, err := rootfs.VerifyOverlay(box); err == nil {
 		v.DiskBytes = h.Size
-	case !errors.Is(err, fs.ErrNotExist):
-		v.Problem = err.Error()
 	}
+	v.Health = diskVerdicts(box)
 	if m, err := readBoxMounts(box); err == nil {
 		v.Mounts = m.outside
 	}
