@@ -2,8 +2,9 @@ package main
 
 // The operator commands run in the same binary as the plugin, on --home
 // directly: `boxlite-csi cache ls`, `box ls`, `box inspect VOLUME` and
-// `box check VOLUME`. They only read, take no lock and change nothing, so they are safe beside a
-// running plugin (kubectl exec into the DaemonSet's pod runs them there).
+// `box check VOLUME`. They only read, take no lock and change nothing,
+// so they are safe beside a running plugin (kubectl exec into the
+// DaemonSet's pod runs them there).
 
 import (
 	"encoding/json"
