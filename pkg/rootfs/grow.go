@@ -6,9 +6,9 @@ import (
 	"fmt"
 	"os"
 
-	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
+	"github.com/boxlite-csi/boxlite-csi/internal/safeopen"
 	"github.com/boxlite-csi/boxlite-csi/pkg/qcow2"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/ext4"
 )
@@ -66,16 +66,14 @@ func planDisk(ctx context.Context, f *os.File, base Base, size uint64) (DiskPlan
 // openBase opens the cache's base read-only, without following a link or
 // blocking, and checks it is the regular file of the size the cache said.
 func openBase(base Base) (*os.File, error) {
-	f, err := os.OpenFile(base.Path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	f, err := safeopen.OpenRegular(base.Path)
 	if err != nil {
-		return nil, fmt.Errorf("rootfs: open base %s: %w", base.Path, err)
+		return nil, fmt.Errorf("rootfs: open base: %w", err)
 	}
 	st, err := f.Stat()
 	switch {
 	case err != nil:
 		err = fmt.Errorf("rootfs: stat base %s: %w", base.Path, err)
-	case !st.Mode().IsRegular():
-		err = fmt.Errorf("rootfs: base %s is a %v, not a regular file", base.Path, st.Mode().Type())
 	case st.Size() != base.Size:
 		err = fmt.Errorf("rootfs: base %s is %d bytes, but the cache recorded %d", base.Path, st.Size(), base.Size)
 	}
