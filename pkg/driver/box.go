@@ -82,29 +82,11 @@ func encodeManifest(m *boxManifest) ([]byte, error) {
 // commit carries the manifest, its directory and the rename together, and
 // an earlier release after a rollback reads that manifest as its truth.
 func writeManifest(dir, name string, b []byte, flush bool) error {
-	f, err := os.CreateTemp(dir, "."+name+".tmp*")
-	if err != nil {
-		return fmt.Errorf("write box manifest in %s: %w", dir, err)
+	how := atomicOnly
+	if flush {
+		how = ordered
 	}
-	defer os.Remove(f.Name())
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Chmod(0o644)
-	}
-	if err == nil && flush {
-		err = unix.SyncFileRange(int(f.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("write %s: %w", f.Name(), err)
-	}
-	final := filepath.Join(dir, name)
-	if err := os.Rename(f.Name(), final); err != nil {
-		return fmt.Errorf("install %s: %w", final, err)
-	}
-	return nil
+	return replaceFile(dir, name, b, 0o644, how)
 }
 
 func syncDir(dir string) error {

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -96,8 +95,8 @@ func (d *Driver) outstandingBytes(skip string) (int64, error) {
 	}
 	var total int64
 	for _, e := range ents {
-		id, ok := strings.CutSuffix(e.Name(), ".json")
-		if !ok || strings.HasPrefix(id, ".") || strings.HasSuffix(e.Name(), ownedManifestSuffix) || id == skip || !e.Type().IsRegular() {
+		id, ok := recordID(e.Name())
+		if !ok || id == skip || !e.Type().IsRegular() {
 			continue
 		}
 		r, err := d.readRecordOnly(id)

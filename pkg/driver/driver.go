@@ -273,10 +273,7 @@ func (d *Driver) removeOrphans(ctx context.Context) {
 	}
 	records := map[string]bool{}
 	for _, e := range ents {
-		if _, owned := ownedID(e.Name()); owned || strings.HasPrefix(e.Name(), ".") {
-			continue
-		}
-		id, ok := strings.CutSuffix(e.Name(), ".json")
+		id, ok := recordID(e.Name())
 		if !ok {
 			continue
 		}

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"os"
 	"sort"
-	"strings"
 
 	"golang.org/x/sys/unix"
 
@@ -67,8 +66,8 @@ func ListVolumes(dir string) ([]VolumeInfo, error) {
 	}
 	var out []VolumeInfo
 	for _, e := range ents {
-		id, ok := strings.CutSuffix(e.Name(), ".json")
-		if !ok || strings.HasPrefix(id, ".") || strings.HasSuffix(e.Name(), ownedManifestSuffix) || !e.Type().IsRegular() {
+		id, ok := recordID(e.Name())
+		if !ok || !e.Type().IsRegular() {
 			continue
 		}
 		out = append(out, d.volumeInfo(id))
