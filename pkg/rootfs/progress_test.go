@@ -83,17 +83,23 @@ func TestEnsureCancelledCallerGetsProgress(t *testing.T) {
 		t.Fatal(err)
 	}
 	release := make(chan struct{})
-	defer close(release)
 	started := make(chan struct{})
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() { <-started; cancel() }()
-	_, err = c.Ensure(ctx, testKey(2), plainBuild(func(ctx context.Context, out *os.File) error {
+	build := plainBuild(func(ctx context.Context, out *os.File) error {
 		ProgressFrom(ctx).SetLayers(1, 100)
 		close(started)
 		<-release
 		return nil
-	}))
+	})
+	_, err = c.Ensure(ctx, testKey(2), build)
 	if !errors.Is(err, ErrBuilding) || !errors.Is(err, context.Canceled) || !strings.Contains(err.Error(), "of 100 bytes") {
 		t.Fatalf("Ensure with a cancelled context: %v, want ErrBuilding and Canceled with the progress", err)
+	}
+	// The build outlives the cancelled caller. Join it before the test
+	// ends, or it is still writing its temp file when TempDir is removed.
+	close(release)
+	if _, err := c.Ensure(context.Background(), testKey(2), build); err != nil {
+		t.Fatalf("joining the build: %v", err)
 	}
 }
