@@ -43,6 +43,25 @@ func OpenRoot(dir string) (*Root, error) {
 	return &Root{f: os.NewFile(uintptr(fd), dir)}, nil
 }
 
+// NewRoot makes a Root of the directory open as f (an O_PATH descriptor
+// is enough), such as a clone of a mount from open_tree(2); the Root owns
+// f from then on. name is what errors call it.
+func NewRoot(f *os.File) *Root { return &Root{f: f} }
+
+// OpenRoot opens the directory rel beneath r as a Root of its own,
+// following no link on the way.
+func (r *Root) OpenRoot(rel string) (*Root, error) {
+	f, err := r.open(rel, unix.O_PATH|unix.O_DIRECTORY)
+	if err != nil {
+		return nil, err
+	}
+	return &Root{f: f}, nil
+}
+
+// Dir is the root's directory as a file, for the *at calls; it stays the
+// Root's, so the caller does not close it.
+func (r *Root) Dir() *os.File { return r.f }
+
 // Close releases the root.
 func (r *Root) Close() error { return r.f.Close() }
 
