@@ -55,6 +55,9 @@ type Box struct {
 	id            string
 	dir           string
 	isolateMounts bool
+	// top is the frozen layer in base/ that the overlay is written over;
+	// "" for the base itself.
+	top string
 }
 
 // ID returns the volume ID the box was built for.
@@ -178,13 +181,41 @@ func (b Box) BaseDir() string { return filepath.Join(b.dir, baseDirName) }
 func (b Box) BasePath() string { return filepath.Join(b.BaseDir(), baseRootfsName) }
 
 // BackingName returns the backing file name recorded in the guest-rootfs
-// overlay, which is BasePath relative to DisksDir ("../base/rootfs.ext4").
-// It is relative so that the chain still resolves when the box is reached
-// through a bind mount at another path. This depends on disks/ and base/
-// both being direct children of the box, which the layout tests pin.
+// overlay: the file it is written over in base/, relative to DisksDir
+// ("../base/rootfs.ext4", or "../base/<layer>" for a box whose overlay is
+// written over a frozen layer, see WithTop). It is relative so that the
+// chain still resolves when the box is reached through a bind mount at
+// another path. This depends on disks/ and base/ both being direct
+// children of the box, which the layout tests pin. A frozen layer in
+// base/ names its own backing the same way: "../base/<name>" resolves
+// to base/<name> from base/ as well as from disks/.
 func (b Box) BackingName() string {
-	return filepath.Join("..", baseDirName, baseRootfsName)
+	return filepath.Join("..", baseDirName, b.backing())
 }
+
+// BackingPath is the file the overlay is written over: BasePath, or the
+// frozen layer WithTop named.
+func (b Box) BackingPath() string { return filepath.Join(b.BaseDir(), b.backing()) }
+
+func (b Box) backing() string {
+	if b.top != "" {
+		return b.top
+	}
+	return baseRootfsName
+}
+
+// WithTop returns the box with its overlay written over the frozen layer
+// base/<layer> (a qcow2 image) instead of over the base. A volume that was
+// snapshotted, restored or cloned has such a chain; layer must be a
+// single file name, which the caller has validated. WithTop("") is the
+// plain box.
+func (b Box) WithTop(layer string) Box {
+	b.top = layer
+	return b
+}
+
+// Top is the layer WithTop set; "" when the overlay is over the base.
+func (b Box) Top() string { return b.top }
 
 // ManifestPath returns <box>/box.json.
 func (b Box) ManifestPath() string { return filepath.Join(b.dir, boxManifestName) }

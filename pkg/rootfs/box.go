@@ -115,8 +115,13 @@ type PrepareOptions struct {
 const corruptSuffix = ".corrupt-"
 
 // OverlayExpect is what a box's overlay header must say: its base, named
-// relatively, in raw format. Anything else is tampering.
+// relatively, in raw format, or for a box with a frozen layer under its
+// overlay (layout.Box.WithTop), that layer in qcow2 format. Anything else
+// is tampering.
 func OverlayExpect(box layout.Box) qcow2.Expect {
+	if box.Top() != "" {
+		return qcow2.Expect{BackingFile: box.BackingName(), BackingFormat: qcow2.FormatQcow2}
+	}
 	return qcow2.Expect{BackingFile: box.BackingName(), BackingFormat: qcow2.FormatRaw}
 }
 
@@ -257,14 +262,14 @@ func checkBase(root *safeopen.Root, box layout.Box) error {
 
 // baseError is VerifyBase beneath an open box root.
 func baseError(root *safeopen.Root, box layout.Box) error {
-	st, err := root.Lstat(relIn(box, box.BasePath()))
+	st, err := root.Lstat(relIn(box, box.BackingPath()))
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		return &qcow2.MissingBackingError{Overlay: box.GuestRootfsDiskPath(), Backing: box.BackingName(), Err: err}
 	case err != nil:
-		return boxPathError(root, box, box.BasePath(), unix.S_IFREG, err)
+		return boxPathError(root, box, box.BackingPath(), unix.S_IFREG, err)
 	case st.Mode&unix.S_IFMT != unix.S_IFREG:
-		return qcow2.TamperedFileType(box.BasePath(), "file type", st.Mode, "regular file", nil)
+		return qcow2.TamperedFileType(box.BackingPath(), "file type", st.Mode, "regular file", nil)
 	}
 	return nil
 }
@@ -314,6 +319,9 @@ func recoverCorrupt(ctx context.Context, root *safeopen.Root, f *os.File, box la
 // a base link that has to be replaced is then renamed with the same
 // suffix instead of removed, so the set-aside overlay's base survives.
 func createOverlay(ctx context.Context, root *safeopen.Root, box layout.Box, getBase func(context.Context) (Base, error), size uint64, d BoxDisk, opts PrepareOptions, o Outcome, asideSuffix string) (BoxDisk, error) {
+	if box.Top() != "" {
+		return createLayeredOverlay(ctx, root, box, size, d, o)
+	}
 	baseDir, err := openDirInBox(root, box, box.BaseDir())
 	if err != nil {
 		return d, fmt.Errorf("rootfs: %w: %w", ErrRefusedOverlay, err)
@@ -356,6 +364,41 @@ func createOverlay(ctx context.Context, root *safeopen.Root, box layout.Box, get
 	d.Outcome = o
 	klog.FromContext(ctx).V(2).Info("Created guest rootfs overlay", "overlay", d.Overlay, "base", base.Path,
 		"virtualSize", d.VirtualSize, "filesystemSize", d.FilesystemSize, "outcome", o)
+	return d, nil
+}
+
+// createLayeredOverlay writes a fresh overlay over the frozen layer the
+// box's chain ends in (a restored or cloned volume's, or one whose overlay
+// was just frozen). The driver has linked the chain into base/ already, so
+// nothing is linked here, and the base is not needed. The filesystem is
+// not grown: a layer holds a filesystem a guest has written, which the
+// plugin never parses, so a larger disk is left for the guest to grow
+// into, as after an expansion. The virtual size is max(layer's, size).
+func createLayeredOverlay(ctx context.Context, root *safeopen.Root, box layout.Box, size uint64, d BoxDisk, o Outcome) (BoxDisk, error) {
+	disksDir, err := openDirInBox(root, box, box.DisksDir())
+	if err != nil {
+		return d, fmt.Errorf("rootfs: %w: %w", ErrRefusedOverlay, err)
+	}
+	defer disksDir.Close()
+	lf, err := openInBox(root, box, box.BackingPath())
+	if err != nil {
+		return d, fmt.Errorf("rootfs: box %s cannot get an overlay over its layer: %w", box.ID(), err)
+	}
+	defer lf.Close()
+	h, err := qcow2.ReadHeaderFile(lf)
+	if err != nil {
+		return d, fmt.Errorf("rootfs: box %s: read its layer: %w", box.ID(), err)
+	}
+	vsize := max(h.Size, (size+511)&^511)
+	if err := qcow2.CreateOverlayAt(ctx, disksDir, filepath.Base(d.Overlay), qcow2.OverlayOptions{
+		BackingFile:   box.BackingName(),
+		BackingFormat: qcow2.FormatQcow2,
+		Size:          vsize,
+	}); err != nil {
+		return d, fmt.Errorf("rootfs: %w", err)
+	}
+	d.VirtualSize, d.Outcome = vsize, o
+	klog.FromContext(ctx).V(2).Info("Created guest rootfs overlay over a frozen layer", "overlay", d.Overlay, "layer", box.BackingPath(), "virtualSize", vsize, "outcome", o)
 	return d, nil
 }
 
