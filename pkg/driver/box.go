@@ -25,6 +25,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/boxlite-csi/boxlite-csi/internal/safeopen"
+	"github.com/boxlite-csi/boxlite-csi/internal/sealed"
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
 )
@@ -54,8 +55,13 @@ type boxManifest struct {
 
 // sameVolume reports whether a repeated CreateVolume asks for the volume
 // this record describes.
-func (r *volumeRecord) sameVolume(name string, params map[string]string, capacity int64) bool {
-	return r.Name == name && maps.Equal(r.Params, params) && r.Capacity == capacity
+func (r *volumeRecord) sameVolume(name string, params map[string]string, capacity int64, src *contentSource) bool {
+	if (r.Source == nil) != (src == nil) || (src != nil && *r.Source != *src) {
+		return false
+	}
+	// A restore asked for no capacity gets its source's: any recorded
+	// capacity matches none asked.
+	return r.Name == name && maps.Equal(r.Params, params) && (r.Capacity == capacity || (src != nil && capacity == 0))
 }
 
 // encodeManifest is the content of box.json.
@@ -181,6 +187,18 @@ func (d *Driver) stageBox(ctx context.Context, box layout.Box, r *volumeRecord, 
 	if err != nil {
 		return rootfs.BoxDisk{}, fmt.Errorf("volume %s: recorded parameters: %w", box.ID(), err)
 	}
+	if box, err = d.settleFreeze(ctx, box, r); err != nil {
+		return rootfs.BoxDisk{}, err
+	}
+	layered := len(r.Layers) > 0
+	if layered {
+		// The plugin-owned chain is the truth; the box's own base/ gets
+		// its links, and every layer is checked, before anything in the
+		// box is used.
+		if err := d.ensureBoxChain(box, r); err != nil {
+			return rootfs.BoxDisk{}, err
+		}
+	}
 	// The overlay metric leaves out the wait for the base, which has
 	// metrics of its own, so that it shows the cost of the overlay alone.
 	var baseWait time.Duration
@@ -232,8 +250,10 @@ func (d *Driver) stageBox(ctx context.Context, box layout.Box, r *volumeRecord, 
 			}
 		}
 	}
-	if err := d.ensureOwnedBase(box, r, disk.Outcome != rootfs.Reused); err != nil {
-		return disk, fmt.Errorf("volume %s: %w", box.ID(), err)
+	if !layered {
+		if err := d.ensureOwnedBase(box, r, disk.Outcome != rootfs.Reused); err != nil {
+			return disk, fmt.Errorf("volume %s: %w", box.ID(), err)
+		}
 	}
 	root, err := safeopen.OpenRoot(box.Root())
 	if err != nil {
@@ -336,7 +356,7 @@ func removeBox(home layout.Home, box layout.Box) error {
 	}
 	// The caller unmounted everything inside the box before the rename,
 	// and a pod cannot mount, so no second look at the mount table.
-	if err := os.RemoveAll(doomed); err != nil {
+	if err := sealed.RemoveAll(doomed); err != nil {
 		return fmt.Errorf("remove box %s: %w", doomed, err)
 	}
 	return nil
@@ -357,7 +377,7 @@ func removeDoomed(home layout.Home, box layout.Box) error {
 	if err := unmountInside(doomed); err != nil {
 		return fmt.Errorf("remove box %s: %w", doomed, err)
 	}
-	if err := os.RemoveAll(doomed); err != nil {
+	if err := sealed.RemoveAll(doomed); err != nil {
 		return fmt.Errorf("remove box %s: %w", doomed, err)
 	}
 	return nil

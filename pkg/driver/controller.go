@@ -32,6 +32,10 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		return nil, status.Errorf(codes.ResourceExhausted, "CreateVolume %q: accessibility requirements exclude node %s (this plugin provisions only on its own node)", name, d.cfg.NodeID)
 	}
 
+	src, err := sourceOf(req.GetVolumeContentSource())
+	if err != nil {
+		return nil, invalid("CreateVolume %q: %v", name, err)
+	}
 	id := volumeIDForName(name)
 	unlock, err := d.lock(id, "CreateVolume")
 	if err != nil {
@@ -44,8 +48,8 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	}
 
 	if r, err := d.readRecordOnly(id); err == nil {
-		if !r.sameVolume(name, userParams(req.GetParameters()), capacity) {
-			return nil, status.Errorf(codes.AlreadyExists, "volume %q exists as %s with different parameters or capacity (image %q, %d bytes)", name, id, r.Image, r.Capacity)
+		if !r.sameVolume(name, userParams(req.GetParameters()), capacity, src) {
+			return nil, status.Errorf(codes.AlreadyExists, "volume %q exists as %s with different parameters or capacity, or another content source (image %q, %d bytes)", name, id, r.Image, r.Capacity)
 		}
 		// A create that stopped between the record and the box ends here.
 		if err := createBox(d.home, box, &boxManifest{volumeRecord: *r}); err != nil && !errors.Is(err, fs.ErrExist) {
@@ -59,6 +63,14 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	// under the capacity lock, once the record is ready to be written.
 	if err := d.reserveCapacity(id, capacity); err != nil {
 		return nil, err
+	}
+	if src != nil {
+		m := &volumeRecord{VolumeID: id, Name: name, Params: userParams(req.GetParameters()), Capacity: capacity, Source: src}
+		if err := d.createFromSource(ctx, box, m, req.GetCapacityRange() != nil, params); err != nil {
+			return nil, toStatus(err, atController)
+		}
+		klog.FromContext(ctx).Info("Created volume", "volume", id, "name", name, "image", m.Image, "digest", m.Digest, "capacity", m.Capacity, "source", src.String(), "layers", len(m.Layers))
+		return &csi.CreateVolumeResponse{Volume: d.volume(m)}, nil
 	}
 	m, err := d.newRecord(ctx, id, params, req.GetParameters(), req.GetSecrets(), false)
 	if err != nil {
@@ -103,8 +115,6 @@ func checkCreateRequest(req *csi.CreateVolumeRequest) error {
 		return invalid("CreateVolume %q: name contains NUL", name)
 	case len(req.GetVolumeCapabilities()) == 0:
 		return invalid("CreateVolume %q: volume capabilities are required", name)
-	case req.GetVolumeContentSource() != nil:
-		return invalid("CreateVolume %q: volume content sources (snapshots, clones) are not supported", name)
 	}
 	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
 		return invalid("CreateVolume %q: %v", name, err)
@@ -119,6 +129,7 @@ func (d *Driver) volume(m *volumeRecord) *csi.Volume {
 		CapacityBytes:      m.Capacity,
 		VolumeContext:      map[string]string{ctxImage: m.Image, ctxDigest: m.Digest, ctxPinned: m.Pinned},
 		AccessibleTopology: []*csi.Topology{d.nodeTopology()},
+		ContentSource:      m.Source.csiSource(),
 	}
 }
 
@@ -173,6 +184,9 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 		csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
 		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
 		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+		csi.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT,
+		csi.ControllerServiceCapability_RPC_LIST_SNAPSHOTS,
+		csi.ControllerServiceCapability_RPC_CLONE_VOLUME,
 	} {
 		caps = append(caps, &csi.ControllerServiceCapability{Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: t}}})
 	}
@@ -203,4 +217,68 @@ func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (
 		resp.MaximumVolumeSize = wrapInt64(min(available, d.cfg.MaxVolumeSize))
 	}
 	return resp, nil
+}
+
+func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequest) (*csi.CreateSnapshotResponse, error) {
+	name := req.GetName()
+	switch {
+	case name == "":
+		return nil, invalid("CreateSnapshot: name is required")
+	case len(name) > maxNameLen:
+		return nil, invalid("CreateSnapshot: name is %d bytes, at most %d allowed", len(name), maxNameLen)
+	case req.GetSourceVolumeId() == "":
+		return nil, invalid("CreateSnapshot %q: source volume ID is required", name)
+	}
+	id := snapshotIDForName(name)
+	unlock, err := d.lock(id, "CreateSnapshot")
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if s, err := d.readSnapshot(id); err == nil {
+		if s.SourceID != req.GetSourceVolumeId() {
+			return nil, status.Errorf(codes.AlreadyExists, "snapshot %q exists as %s of volume %s, not of %s", name, id, s.SourceID, req.GetSourceVolumeId())
+		}
+		return &csi.CreateSnapshotResponse{Snapshot: s.csiSnapshot()}, nil
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return nil, status.Errorf(codes.Internal, "snapshot %q: %v", name, err)
+	}
+	box, err := d.home.Box(req.GetSourceVolumeId())
+	if err != nil {
+		return nil, status.Errorf(codes.NotFound, "CreateSnapshot %q: source volume %s does not exist: %v", name, req.GetSourceVolumeId(), err)
+	}
+	vunlock, err := d.lock(box.ID(), "CreateSnapshot")
+	if err != nil {
+		return nil, err
+	}
+	defer vunlock()
+	s, err := d.createSnapshot(ctx, id, name, box)
+	if err != nil {
+		return nil, toStatus(err, atController)
+	}
+	return &csi.CreateSnapshotResponse{Snapshot: s.csiSnapshot()}, nil
+}
+
+func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequest) (*csi.DeleteSnapshotResponse, error) {
+	id := req.GetSnapshotId()
+	if id == "" {
+		return nil, invalid("DeleteSnapshot: snapshot ID is required")
+	}
+	if !isSnapshotID(id) {
+		// Not one this plugin made, so it does not exist: gone is success.
+		return &csi.DeleteSnapshotResponse{}, nil
+	}
+	unlock, err := d.lock(id, "DeleteSnapshot")
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if err := d.deleteSnapshot(ctx, id); err != nil {
+		return nil, toStatus(err, atController)
+	}
+	return &csi.DeleteSnapshotResponse{}, nil
+}
+
+func (d *Driver) ListSnapshots(ctx context.Context, req *csi.ListSnapshotsRequest) (*csi.ListSnapshotsResponse, error) {
+	return d.listSnapshots(req)
 }

@@ -28,6 +28,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/boxlite-csi/boxlite-csi/internal/safeopen"
+	"github.com/boxlite-csi/boxlite-csi/internal/sealed"
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 	"github.com/boxlite-csi/boxlite-csi/pkg/metrics"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs"
@@ -240,7 +241,7 @@ func (d *Driver) recover(ctx context.Context) error {
 			if err := unmountInside(p); err != nil {
 				log.Error(err, "Cannot unmount everything inside a half-finished box", "path", p)
 			}
-			if err := os.RemoveAll(p); err != nil {
+			if err := sealed.RemoveAll(p); err != nil {
 				log.Error(err, "Cannot remove half-finished box; leaving it for the operator", "path", p)
 				continue
 			}
@@ -256,6 +257,7 @@ func (d *Driver) recover(ctx context.Context) error {
 		d.adoptIfNeeded(ctx, box)
 	}
 	d.removeOrphans(ctx)
+	d.removeSnapshotDebris(log)
 	return nil
 }
 

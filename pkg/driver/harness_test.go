@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"io/fs"
 	"net"
 	"path/filepath"
 	"strings"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -60,7 +62,8 @@ func startPlugin(t testing.TB, dir string, cfg Config) *plugin {
 // e.g. with small image limits.
 func startPluginWith(t testing.TB, dir string, cfg Config, builder BaseBuilder) *plugin {
 	t.Helper()
-	// Cleanups run last-in first-out: this check runs after p.stop below.
+	// Cleanups run last-in first-out: these run after p.stop below.
+	t.Cleanup(func() { unsealAll(t, cfg.Home) })
 	t.Cleanup(func() { assertNoMounts(t, dir) })
 	ctx, cancel := context.WithCancel(context.Background())
 	d, err := New(ctx, cfg, builder)
@@ -101,6 +104,31 @@ func (p *plugin) stop() {
 	<-p.done
 	p.cancel = nil
 }
+
+// unsealAll lifts the immutable attribute of every file under dir, as the
+// plugin seals frozen layers and t.TempDir's cleanup could not remove
+// them. Nothing is removed: a later step of the test may use the home.
+func unsealAll(t testing.TB, dir string) {
+	filepath.WalkDir(dir, func(p string, e fs.DirEntry, err error) error {
+		if err != nil || !e.Type().IsRegular() {
+			return nil
+		}
+		fd, err := unix.Open(p, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return nil
+		}
+		defer unix.Close(fd)
+		if v, err := unix.IoctlGetInt(fd, unix.FS_IOC_GETFLAGS); err == nil && v&immutableFlag != 0 {
+			if err := unix.IoctlSetPointerInt(fd, unix.FS_IOC_SETFLAGS, v&^immutableFlag); err != nil {
+				t.Errorf("unseal %s: %v", p, err)
+			}
+		}
+		return nil
+	})
+}
+
+// immutableFlag is FS_IMMUTABLE_FL.
+const immutableFlag = 0x10
 
 // assertNoMounts fails if anything under dir is still mounted, and cleans
 // it up so one failing test does not poison the next.

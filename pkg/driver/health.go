@@ -28,9 +28,11 @@ func (d *Driver) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVolume
 			}
 		}
 	}
-	if _, err := d.readRecord(box); err != nil {
+	r, err := d.readRecord(box)
+	if err != nil {
 		return nil, recordStatus(box, err)
 	}
+	box = r.boxOf(box)
 	var entries []*csi.VolumeHealth_VolumeHealthEntry
 	add := func(t csi.VolumeHealthErrorType, reason, format string, args ...any) {
 		entries = append(entries, &csi.VolumeHealth_VolumeHealthEntry{Status: t, Reason: reason, Message: fmt.Sprintf(format, args...)})
@@ -73,7 +75,7 @@ func diskVerdicts(box layout.Box) []Verdict {
 	case verr == nil:
 		if err := rootfs.VerifyBase(box); err != nil {
 			add(csi.VolumeHealthErrorType_INACCESSIBLE, "BaseMissing",
-				fmt.Sprintf("overlay %s has missing backing file %s: %v", box.GuestRootfsDiskPath(), box.BasePath(), err))
+				fmt.Sprintf("overlay %s has missing backing file %s: %v", box.GuestRootfsDiskPath(), box.BackingPath(), err))
 		}
 	case errors.Is(verr, fs.ErrNotExist):
 	case qcow2.IsCorrupt(verr):

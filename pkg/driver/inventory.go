@@ -95,6 +95,7 @@ func (d *Driver) volumeInfo(id string) VolumeInfo {
 		v.Problem = "no box at " + box.Root() + ": " + err.Error()
 		return v
 	}
+	box = r.boxOf(box)
 	v.AllocatedBytes = allocatedBytes(d.home, id)
 	if h, err := rootfs.VerifyOverlay(box); err == nil {
 		v.DiskBytes = h.Size

@@ -28,18 +28,20 @@ var boxStates = []string{boxNew, boxReady, boxMounted, boxUnhealthy}
 type stateCollector struct {
 	d *Driver
 
-	cacheBytes, cacheBases, cacheUsed, boxes, scrapeErrors *prometheus.Desc
+	cacheBytes, cacheBases, cacheUsed, boxes, snapshots, snapshotBytes, scrapeErrors *prometheus.Desc
 }
 
 func newStateCollector(d *Driver) *stateCollector {
 	name := func(n string) string { return prometheus.BuildFQName(metrics.Namespace, "", n) }
 	return &stateCollector{
-		d:            d,
-		cacheBytes:   prometheus.NewDesc(name("cache_bytes"), "Disk space the cached base disks occupy.", nil, nil),
-		cacheBases:   prometheus.NewDesc(name("cache_bases"), "Cached base disks, by whether a box links them (in_use) or not (unused, evictable).", []string{"state"}, nil),
-		cacheUsed:    prometheus.NewDesc(name("cache_filesystem_used_ratio"), "How full the home filesystem is, as the eviction watermarks judge it.", nil, nil),
-		boxes:        prometheus.NewDesc(name("boxes"), "Boxes on this node, by state: new, ready, mounted, unhealthy.", []string{"state"}, nil),
-		scrapeErrors: prometheus.NewDesc(name("state_scrape_errors"), "Boxes or cache entries this scrape could not read (1 for an unreadable cache).", nil, nil),
+		d:             d,
+		cacheBytes:    prometheus.NewDesc(name("cache_bytes"), "Disk space the cached base disks occupy.", nil, nil),
+		cacheBases:    prometheus.NewDesc(name("cache_bases"), "Cached base disks, by whether a box links them (in_use) or not (unused, evictable).", []string{"state"}, nil),
+		cacheUsed:     prometheus.NewDesc(name("cache_filesystem_used_ratio"), "How full the home filesystem is, as the eviction watermarks judge it.", nil, nil),
+		boxes:         prometheus.NewDesc(name("boxes"), "Boxes on this node, by state: new, ready, mounted, unhealthy.", []string{"state"}, nil),
+		snapshots:     prometheus.NewDesc(name("snapshots"), "Snapshots on this node.", nil, nil),
+		snapshotBytes: prometheus.NewDesc(name("snapshot_layer_bytes"), "Disk space the frozen layers of this node's snapshots occupy, each layer counted once.", nil, nil),
+		scrapeErrors:  prometheus.NewDesc(name("state_scrape_errors"), "Boxes or cache entries this scrape could not read (1 for an unreadable cache).", nil, nil),
 	}
 }
 
@@ -48,6 +50,8 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.cacheBases
 	ch <- c.cacheUsed
 	ch <- c.boxes
+	ch <- c.snapshots
+	ch <- c.snapshotBytes
 	ch <- c.scrapeErrors
 }
 
@@ -66,6 +70,9 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, s := range boxStates {
 		ch <- prometheus.MustNewConstMetric(c.boxes, prometheus.GaugeValue, float64(counts[s]), s)
 	}
+	n, b := c.d.snapshotsUsage()
+	ch <- prometheus.MustNewConstMetric(c.snapshots, prometheus.GaugeValue, float64(n))
+	ch <- prometheus.MustNewConstMetric(c.snapshotBytes, prometheus.GaugeValue, float64(b))
 	ch <- prometheus.MustNewConstMetric(c.scrapeErrors, prometheus.GaugeValue, float64(failed))
 }
 
@@ -83,7 +90,8 @@ func (d *Driver) boxStates() (counts map[string]int, errs int) {
 			errs++
 			continue
 		}
-		if _, err := d.readRecordOnly(id); err != nil {
+		r, err := d.readRecordOnly(id)
+		if err != nil {
 			// A box the plugin has no record of (damaged, or left for the
 			// operator at start-up) is not a volume it can serve.
 			if _, serr := os.Lstat(box.Root()); serr == nil {
@@ -91,6 +99,7 @@ func (d *Driver) boxStates() (counts map[string]int, errs int) {
 			}
 			continue
 		}
+		box = r.boxOf(box)
 		_, verr := rootfs.VerifyOverlay(box)
 		switch {
 		case errors.Is(verr, fs.ErrNotExist):

@@ -137,9 +137,11 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 // target: it exists, it is staged, its overlay is still the plugin's, and
 // a single-writer volume is not published anywhere else.
 func (d *Driver) checkPublishable(box layout.Box, staging, target string, c *csi.VolumeCapability) error {
-	if _, err := d.readRecord(box); err != nil {
+	r, err := d.readRecord(box)
+	if err != nil {
 		return recordStatus(box, err)
 	}
+	box = r.boxOf(box)
 	if ok, err := d.mounter.isMountPoint(staging); err != nil || !ok {
 		return status.Errorf(codes.FailedPrecondition, "volume %s is not staged at %s", box.ID(), staging)
 	}
@@ -230,6 +232,9 @@ func (d *Driver) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolume
 	}
 	if err := checkVolumePath(op, box, p); err != nil {
 		return nil, err
+	}
+	if box, err = d.settleFreeze(ctx, box, r); err != nil {
+		return nil, toStatus(err, atNode)
 	}
 	size, err := d.expandVolume(ctx, box, r, req.GetCapacityRange())
 	if err != nil {

@@ -38,6 +38,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/boxlite-csi/boxlite-csi/internal/safeopen"
+	"github.com/boxlite-csi/boxlite-csi/internal/sealed"
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 )
 
@@ -324,7 +325,7 @@ func typeName(mode uint32) string {
 func (d *Driver) removeOwned(id string) error {
 	var errs []error
 	for _, p := range []string{d.ownedBaseDir(id), d.ownedManifestPath(id)} {
-		if err := os.RemoveAll(p); err != nil {
+		if err := sealed.RemoveAll(p); err != nil {
 			errs = append(errs, fmt.Errorf("remove %s: %w", p, err))
 		}
 	}

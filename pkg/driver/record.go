@@ -22,6 +22,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -76,6 +77,22 @@ type volumeRecord struct {
 	// it to adopt such a box's base when the cache's copy is gone, and
 	// clears it when a new overlay is made over another base.
 	BaseInode uint64 `json:"baseInode,omitempty"`
+
+	// Layers are the sealed layers under the box's overlay, bottom first
+	// (chain.go): file names in base/ and in its plugin-owned copy. Empty
+	// for a volume never snapshotted, restored or cloned.
+	Layers []string `json:"layers,omitempty"`
+	// Freezing is the layer a freeze of the overlay was making when it
+	// recorded its intent; "" once the freeze is settled (settleFreeze).
+	Freezing string `json:"freezing,omitempty"`
+	// Source is what the volume was made from, if anything.
+	Source *contentSource `json:"contentSource,omitempty"`
+}
+
+// contentSource is a volume's CSI content source: a snapshot or a volume.
+type contentSource struct {
+	SnapshotID string `json:"snapshotID,omitempty"`
+	VolumeID   string `json:"volumeID,omitempty"`
 }
 
 // recordsDir is where volume records live: in the home, which no pod sees.
@@ -109,6 +126,15 @@ func parseRecord(b []byte, id, where string) (*volumeRecord, error) {
 		return nil, fmt.Errorf("%s has version %d, newer than this release understands (%d); it was written by a later release, so upgrade the plugin again", where, r.Version, recordVersion)
 	case r.VolumeID != id:
 		return nil, fmt.Errorf("%s belongs to volume %q, not %q", where, r.VolumeID, id)
+	case r.Freezing != "" && !isLayerName(r.Freezing):
+		return nil, fmt.Errorf("%s has an invalid freezing layer %q", where, r.Freezing)
+	}
+	all := r.Layers
+	if r.Freezing != "" {
+		all = append(slices.Clone(r.Layers), r.Freezing)
+	}
+	if err := checkLayers(all, where); err != nil {
+		return nil, err
 	}
 	return &r, nil
 }

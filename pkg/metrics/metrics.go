@@ -48,6 +48,8 @@ type Metrics struct {
 
 	overlayDuration *prometheus.HistogramVec
 
+	snapshotDuration prometheus.Histogram
+
 	evictions    prometheus.Counter
 	evictedBytes prometheus.Counter
 }
@@ -85,6 +87,11 @@ func New() *Metrics {
 			Help:    "Time to write a box's guest-rootfs overlay durably, by outcome (created or recreated).",
 			Buckets: durationBuckets,
 		}, []string{"outcome"}),
+		snapshotDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: Namespace, Name: "snapshot_create_duration_seconds",
+			Help:    "Time to make a snapshot or capture a clone's source: freezing the overlay into a layer and linking the chain.",
+			Buckets: durationBuckets,
+		}),
 		evictions: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: Namespace, Name: "cache_evictions_total",
 			Help: "Base disks removed from the node cache by eviction.",
@@ -95,7 +102,7 @@ func New() *Metrics {
 		}),
 	}
 	m.reg.MustRegister(m.rpcs, m.rpcDuration, m.pullDuration, m.pulledBytes, m.buildDuration,
-		m.overlayDuration, m.evictions, m.evictedBytes,
+		m.overlayDuration, m.snapshotDuration, m.evictions, m.evictedBytes,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -128,6 +135,9 @@ func (m *Metrics) ObserveBuild(d time.Duration, err error) {
 func (m *Metrics) ObserveOverlay(outcome string, d time.Duration) {
 	m.overlayDuration.WithLabelValues(outcome).Observe(d.Seconds())
 }
+
+// ObserveSnapshot records one snapshot made.
+func (m *Metrics) ObserveSnapshot(d time.Duration) { m.snapshotDuration.Observe(d.Seconds()) }
 
 // ObserveEviction records one evicted base.
 func (m *Metrics) ObserveEviction(bytes int64) {
