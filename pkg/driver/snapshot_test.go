@@ -406,3 +406,82 @@ func TestSnapshotRefusals(t *testing.T) {
 		}
 	}
 }
+
+// TestInterruptedFreeze: a plugin killed during a freeze leaves its intent
+// in the record; the next stage settles it from what the overlay's header
+// says: before the exchange the freeze is undone (its links go), after it
+// the layer is kept, sealed and recorded. Either way the data is there
+// and the debris is gone.
+func TestInterruptedFreeze(t *testing.T) {
+	needRoot(t)
+	needQemu(t)
+	params, _ := testImage(t)
+	for _, committed := range []bool{false, true} {
+		t.Run(fmt.Sprint("committed=", committed), func(t *testing.T) {
+			dir := t.TempDir()
+			p := startPlugin(t, dir, testConfig(dir))
+			v := newVolume(t, p, "v", params, gib)
+			v.stage()
+			v.publish()
+			guestWrite(t, v.target, 0, 0x5a)
+			v.unpublishUnstage()
+			p.stop()
+
+			// The state a kill leaves, made by hand: the intent recorded,
+			// the overlay linked as the layer, the new overlay written
+			// under FreezingName, and, once committed, exchanged.
+			box, _ := p.d.home.Box(v.id)
+			r, err := p.d.readRecordOnly(v.id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			layer, _ := newLayerName()
+			r.Freezing = layer
+			if err := p.d.writeRecord(r); err != nil {
+				t.Fatal(err)
+			}
+			overlay := box.GuestRootfsDiskPath()
+			for _, dst := range []string{filepath.Join(box.BaseDir(), layer), filepath.Join(p.d.ownedBaseDir(v.id), layer)} {
+				if err := os.Link(overlay, dst); err != nil {
+					t.Fatal(err)
+				}
+			}
+			tmp := filepath.Join(box.DisksDir(), ".guest-rootfs.qcow2.freezing")
+			qemu(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "../base/"+layer, "-F", "qcow2", tmp, "1G")
+			if committed {
+				if err := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, overlay, unix.RENAME_EXCHANGE); err != nil {
+					t.Fatal(err)
+				}
+			}
+
+			p = startPlugin(t, dir, testConfig(dir))
+			v.p = p
+			v.stage()
+			v.publish()
+			if !guestReads(t, v.target, 0, 0x5a) {
+				t.Error("the data is gone after the interrupted freeze was settled")
+			}
+			r, err = p.d.readRecordOnly(v.id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.Freezing != "" || (len(r.Layers) == 1) != committed {
+				t.Errorf("record after settling: freezing %q, layers %v; want no intent and one layer iff committed", r.Freezing, r.Layers)
+			}
+			if _, err := os.Lstat(filepath.Join(v.staging, "disks/.guest-rootfs.qcow2.freezing")); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("the freeze's debris is still there: %v", err)
+			}
+			_, err = os.Lstat(filepath.Join(p.d.ownedBaseDir(v.id), layer))
+			if committed {
+				f, oerr := os.OpenFile(filepath.Join(p.d.ownedBaseDir(v.id), layer), os.O_RDWR, 0)
+				if oerr == nil {
+					f.Close()
+					t.Error("the committed layer is not sealed")
+				}
+			} else if !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("the undone freeze left its layer link: %v", err)
+			}
+			v.unpublishUnstage()
+		})
+	}
+}
