@@ -229,18 +229,20 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 	case req.GetSourceVolumeId() == "":
 		return nil, invalid("CreateSnapshot %q: source volume ID is required", name)
 	}
-	id := snapshotIDForName(name)
+	id := d.snapshotID(name)
 	unlock, err := d.lock(id, "CreateSnapshot")
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	if s, err := d.readSnapshot(id); err == nil {
+	s, err := d.readSnapshot(id)
+	if err == nil {
 		if s.SourceID != req.GetSourceVolumeId() {
 			return nil, status.Errorf(codes.AlreadyExists, "snapshot %q exists as %s of volume %s, not of %s", name, id, s.SourceID, req.GetSourceVolumeId())
 		}
 		return &csi.CreateSnapshotResponse{Snapshot: s.csiSnapshot()}, nil
-	} else if !errors.Is(err, fs.ErrNotExist) {
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
 		return nil, status.Errorf(codes.Internal, "snapshot %q: %v", name, err)
 	}
 	box, err := d.home.Box(req.GetSourceVolumeId())
@@ -252,7 +254,7 @@ func (d *Driver) CreateSnapshot(ctx context.Context, req *csi.CreateSnapshotRequ
 		return nil, err
 	}
 	defer vunlock()
-	s, err := d.createSnapshot(ctx, id, name, box)
+	s, err = d.createSnapshot(ctx, id, name, box)
 	if err != nil {
 		return nil, toStatus(err, atController)
 	}
@@ -264,9 +266,13 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 	if id == "" {
 		return nil, invalid("DeleteSnapshot: snapshot ID is required")
 	}
-	if !isSnapshotID(id) {
+	_, node, ok := parseSnapshotID(id)
+	switch {
+	case !ok:
 		// Not one this plugin made, so it does not exist: gone is success.
 		return &csi.DeleteSnapshotResponse{}, nil
+	case node != "" && node != d.cfg.NodeID:
+		return nil, status.Errorf(codes.FailedPrecondition, "DeleteSnapshot: %v", &otherNodeError{id: id, node: node})
 	}
 	unlock, err := d.lock(id, "DeleteSnapshot")
 	if err != nil {

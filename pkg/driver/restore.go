@@ -78,6 +78,11 @@ func (d *Driver) resolveSource(ctx context.Context, name string, src *contentSou
 	nothing := func() {}
 	if src.SnapshotID != "" {
 		s, err := d.readSnapshot(src.SnapshotID)
+		var other *otherNodeError
+		if errors.As(err, &other) {
+			// external-provisioner reschedules on ResourceExhausted.
+			return nil, nothing, status.Errorf(codes.ResourceExhausted, "CreateVolume %q on node %s: %v", name, d.cfg.NodeID, err)
+		}
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil, nothing, status.Errorf(codes.NotFound, "CreateVolume %q: snapshot %s does not exist on node %s (a snapshot lives on its source's node)", name, src.SnapshotID, d.cfg.NodeID)
 		}

@@ -70,29 +70,77 @@ type snapshotRecord struct {
 	Layers []string `json:"layers,omitempty"`
 }
 
-// snapshotIDForName derives the snapshot ID from its name, so a retried
-// CreateSnapshot finds it by a stat.
-func snapshotIDForName(name string) string {
+// snapshotKey derives a snapshot's key from its name, so a retried
+// CreateSnapshot finds it by a stat: its directory's name.
+func snapshotKey(name string) string {
 	sum := sha256.Sum256([]byte(name))
 	return snapshotPrefix + hex.EncodeToString(sum[:20])
 }
 
-// isSnapshotID reports whether id is one snapshotIDForName makes.
-func isSnapshotID(id string) bool {
-	h, ok := strings.CutPrefix(id, snapshotPrefix)
-	return ok && len(h) == 40 && isLowerHex(h)
+// snapshotID is the ID of the snapshot named name made on this node: its
+// key and the node, so that a restore asked of another node can say where
+// the snapshot is (CSI gives snapshots no topology). A node name too long
+// for CSI's 128-byte IDs is left out.
+func (d *Driver) snapshotID(name string) string {
+	id := snapshotKey(name) + "@" + d.cfg.NodeID
+	if len(id) > 128 {
+		return snapshotKey(name)
+	}
+	return id
+}
+
+// parseSnapshotID splits a snapshot ID into its key and node ("" when the
+// ID names none); ok is false for an ID this plugin never makes.
+func parseSnapshotID(id string) (key, node string, ok bool) {
+	key, node, _ = strings.Cut(id, "@")
+	h, found := strings.CutPrefix(key, snapshotPrefix)
+	return key, node, found && len(h) == 40 && isLowerHex(h) && len(id) <= 128
+}
+
+// isSnapshotKey reports whether name is a snapshot directory's name.
+func isSnapshotKey(name string) bool {
+	key, node, ok := parseSnapshotID(name)
+	return ok && node == "" && key == name
+}
+
+// otherNodeError reports a snapshot made on another node.
+type otherNodeError struct{ id, node string }
+
+func (e *otherNodeError) Error() string {
+	return fmt.Sprintf("snapshot %s lives on node %s, not here: a snapshot stays on its source's node, so restore it there", e.id, e.node)
 }
 
 func (d *Driver) snapshotsDir() string { return filepath.Join(d.home.Dir(), snapshotsDirName) }
 
-func (d *Driver) snapshotDir(id string) string { return filepath.Join(d.snapshotsDir(), id) }
+// snapshotDir is the directory of the snapshot with the given ID or key.
+func (d *Driver) snapshotDir(id string) string {
+	key, _, _ := parseSnapshotID(id)
+	return filepath.Join(d.snapshotsDir(), key)
+}
 
 // readSnapshot reads a snapshot's record; fs.ErrNotExist if there is no
 // such snapshot.
 func (d *Driver) readSnapshot(id string) (*snapshotRecord, error) {
-	if !isSnapshotID(id) {
+	_, node, ok := parseSnapshotID(id)
+	switch {
+	case !ok:
 		return nil, fmt.Errorf("snapshot %q: %w", id, fs.ErrNotExist)
+	case node != "" && node != d.cfg.NodeID:
+		return nil, &otherNodeError{id: id, node: node}
 	}
+	s, err := d.readSnapshotIn(id)
+	if err != nil {
+		return nil, err
+	}
+	if s.SnapshotID != id {
+		return nil, fmt.Errorf("snapshot %q: %w (the directory holds %s)", id, fs.ErrNotExist, s.SnapshotID)
+	}
+	return s, nil
+}
+
+// readSnapshotIn reads the record in the directory of the snapshot with
+// the given ID or key.
+func (d *Driver) readSnapshotIn(id string) (*snapshotRecord, error) {
 	p := filepath.Join(d.snapshotDir(id), snapshotRecordName)
 	b, err := safeopen.ReadRegular(p, maxRecordBytes)
 	if err != nil {
@@ -105,13 +153,20 @@ func (d *Driver) readSnapshot(id string) (*snapshotRecord, error) {
 	switch {
 	case s.Version < 1 || s.Version > snapshotVersion:
 		return nil, fmt.Errorf("%s has version %d; this release understands %d", p, s.Version, snapshotVersion)
-	case s.SnapshotID != id:
+	case !sameKey(s.SnapshotID, id):
 		return nil, fmt.Errorf("%s belongs to snapshot %q, not %q", p, s.SnapshotID, id)
 	}
 	if err := checkLayers(s.Layers, p); err != nil {
 		return nil, err
 	}
 	return &s, nil
+}
+
+// sameKey reports whether two snapshot IDs (or keys) name one directory.
+func sameKey(a, b string) bool {
+	ka, _, _ := parseSnapshotID(a)
+	kb, _, _ := parseSnapshotID(b)
+	return ka == kb
 }
 
 // csiSnapshot is the CSI description of a snapshot. A snapshot exists
@@ -162,7 +217,7 @@ func (d *Driver) writeSnapshot(s *snapshotRecord, from *safeopen.Root) error {
 	if err := os.MkdirAll(d.snapshotsDir(), 0o700); err != nil {
 		return err
 	}
-	tmp, err := os.MkdirTemp(d.snapshotsDir(), "."+s.SnapshotID+".new-")
+	tmp, err := os.MkdirTemp(d.snapshotsDir(), "."+filepath.Base(d.snapshotDir(s.SnapshotID))+".new-")
 	if err != nil {
 		return err
 	}
@@ -201,7 +256,7 @@ func (d *Driver) writeSnapshot(s *snapshotRecord, from *safeopen.Root) error {
 // The volumes restored from it keep their own links to its layers.
 func (d *Driver) deleteSnapshot(ctx context.Context, id string) error {
 	dir := d.snapshotDir(id)
-	doomed := filepath.Join(d.snapshotsDir(), "."+id+".deleting")
+	doomed := filepath.Join(d.snapshotsDir(), "."+filepath.Base(dir)+".deleting")
 	if err := sealed.RemoveAll(doomed); err != nil {
 		return err
 	}
@@ -232,10 +287,10 @@ func (d *Driver) snapshots() ([]*snapshotRecord, error) {
 	}
 	var out []*snapshotRecord
 	for _, e := range ents {
-		if !isSnapshotID(e.Name()) {
+		if !isSnapshotKey(e.Name()) {
 			continue
 		}
-		s, err := d.readSnapshot(e.Name())
+		s, err := d.readSnapshotIn(e.Name())
 		if err != nil {
 			klog.Background().Error(err, "Skipping an unreadable snapshot", "snapshot", e.Name())
 			continue
@@ -273,7 +328,7 @@ func (d *Driver) listSnapshots(req *csi.ListSnapshotsRequest) (*csi.ListSnapshot
 		return nil, invalid("ListSnapshots: max_entries %d is negative", req.GetMaxEntries())
 	}
 	token := req.GetStartingToken()
-	if token != "" && !isSnapshotID(token) {
+	if _, _, ok := parseSnapshotID(token); token != "" && !ok {
 		return nil, status.Errorf(codes.Aborted, "ListSnapshots: starting token %q is not one this plugin gave", token)
 	}
 	all, err := d.snapshots()

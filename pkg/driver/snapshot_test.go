@@ -288,7 +288,7 @@ func TestLayersAreSealed(t *testing.T) {
 	for _, path := range []string{
 		filepath.Join(v.target, "base", layer),
 		filepath.Join(p.d.ownedBaseDir(v.id), layer),
-		filepath.Join(p.d.snapshotsDir(), snapshotIDForName("s"), layer),
+		filepath.Join(p.d.snapshotsDir(), snapshotKey("s"), layer),
 		"/proc/self/fd/" + strconv.Itoa(kept),
 	} {
 		f, err := os.OpenFile(path, os.O_RDWR, 0)
@@ -387,7 +387,7 @@ func TestSnapshotRefusals(t *testing.T) {
 		}(), codes.InvalidArgument},
 		{"restore of a missing snapshot", func() error {
 			_, err := p.controller().CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "m", Parameters: params, VolumeCapabilities: []*csi.VolumeCapability{rwo},
-				VolumeContentSource: fromSnapshot(snapshotIDForName("missing"))})
+				VolumeContentSource: fromSnapshot(p.d.snapshotID("missing"))})
 			return err
 		}(), codes.NotFound},
 		{"same volume name, other source", func() error {
@@ -396,6 +396,15 @@ func TestSnapshotRefusals(t *testing.T) {
 				CapacityRange: &csi.CapacityRange{RequiredBytes: gib}, VolumeContentSource: fromVolume(v.id)})
 			return err
 		}(), codes.AlreadyExists},
+		{"restore of another node's snapshot", func() error {
+			key, _, _ := parseSnapshotID(s.GetSnapshotId())
+			_, err := p.controller().CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "elsewhere", Parameters: params, VolumeCapabilities: []*csi.VolumeCapability{rwo},
+				VolumeContentSource: fromSnapshot(key + "@node-2")})
+			if err != nil && !strings.Contains(err.Error(), "node-2") {
+				t.Errorf("the refusal does not name the snapshot's node: %v", err)
+			}
+			return err
+		}(), codes.ResourceExhausted},
 		{"list with a foreign token", func() error {
 			_, err := p.controller().ListSnapshots(ctx, &csi.ListSnapshotsRequest{StartingToken: "nonsense"})
 			return err
