@@ -73,3 +73,5 @@ bench:
 	$(GO) test -run '^$$' -bench BenchmarkColdBuild -benchtime 3x -count 5 ./pkg/rootfs/ | tee bench-build.out
 	$(GO) test -run '^$$' -bench BenchmarkWarmBox -benchtime 300x -count 5 ./pkg/rootfs/ | tee bench-box.out
 	$(GO) test -run '^$$' -bench BenchmarkWarmStagePublish -benchtime 300x -count 3 ./pkg/driver/ | tee bench-stage.out
+	$(GO) test -run '^$$' -bench BenchmarkSnapshot -benchtime 5x -count 3 ./pkg/driver/ | tee bench-snapshot.out
+	$(BENCHSTAT) -col /op bench-snapshot.out
