@@ -158,6 +158,7 @@ func boxInspect(home string, args []string, out io.Writer, asJSON bool) (int, er
 		{"Image", v.Image}, {"Digest", v.Digest},
 		{"Capacity", human(v.Capacity)}, {"Expanded to", orDash(humanIf(v.ExpandedBytes))},
 		{"Disk", diskText(v)}, {"Filesystem", fsText(v)}, {"Allocated", human(v.AllocatedBytes)},
+		{"Chain", strings.Join(append([]string{"guest-rootfs.qcow2"}, v.Chain...), " -> ")}, {"Source", orDash(v.Source)},
 		{"Mounts", orDash(strings.Join(v.Mounts, ", "))}, {"Health", orDash(problem(v))},
 	} {
 		fmt.Fprintf(w, "%s:\t%s\n", kv[0], kv[1])

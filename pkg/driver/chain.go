@@ -261,6 +261,9 @@ func (d *Driver) freeze(ctx context.Context, v *chainView, box layout.Box, r *vo
 	if err != nil {
 		return box, err
 	}
+	if err := sealed.Probe(d.recordsDir()); err != nil {
+		return box, freezeStatus(box, err)
+	}
 	if len(r.Layers) >= maxLayers {
 		return box, status.Errorf(codes.FailedPrecondition, "volume %s already has %d frozen layers, the most a chain may have; flattening is not available yet, so restore a snapshot of it or clone it into a new volume first", box.ID(), len(r.Layers))
 	}

@@ -35,6 +35,11 @@ type VolumeInfo struct {
 	DiskBytes       uint64 `json:"diskBytes"`
 	FilesystemBytes uint64 `json:"filesystemBytes,omitempty"`
 	AllocatedBytes  int64  `json:"allocatedBytes"`
+	// Chain is the disk's backing chain under its overlay, top first: its
+	// sealed layers, then the base (names in the box's base/).
+	Chain []string `json:"chain,omitempty"`
+	// Source is the snapshot or volume it was made from, if any.
+	Source string `json:"source,omitempty"`
 	// Mounts are the staging and target paths that show the box.
 	Mounts []string `json:"mounts,omitempty"`
 	// Health is what NodeGetVolumeHealth would say of the disk.
@@ -94,6 +99,13 @@ func (d *Driver) volumeInfo(id string) VolumeInfo {
 	if err := unix.Lstat(box.Root(), new(unix.Stat_t)); err != nil {
 		v.Problem = "no box at " + box.Root() + ": " + err.Error()
 		return v
+	}
+	for i := len(r.Layers) - 1; i >= 0; i-- {
+		v.Chain = append(v.Chain, r.Layers[i])
+	}
+	v.Chain = append(v.Chain, baseName)
+	if r.Source != nil {
+		v.Source = r.Source.String()
 	}
 	box = r.boxOf(box)
 	v.AllocatedBytes = allocatedBytes(d.home, id)
