@@ -89,8 +89,13 @@ func Seal(f *os.File) error {
 	return setFlags(f, v|immutableFL)
 }
 
-// Probe reports whether files in dir can be sealed, by sealing and
-// removing a temporary file.
+// Probe reports whether files in dir can be sealed so that even a
+// descriptor opened for writing before the seal cannot write: it seals a
+// temporary file it holds open for writing and tries a write through it.
+// ext4 refuses that write; tmpfs (and, as far as is known, XFS) check the
+// attribute only at open, and a process whose open for writing waited out
+// a link window would keep a descriptor that writes, so layers are not
+// made there.
 func Probe(dir string) error {
 	f, err := os.CreateTemp(dir, ".seal-probe-")
 	if err != nil {
@@ -101,11 +106,18 @@ func Probe(dir string) error {
 	if err := Seal(f); err != nil {
 		return err
 	}
+	_, werr := f.WriteAt([]byte{0}, 0)
 	v, err := flags(f)
 	if err != nil {
 		return err
 	}
-	return setFlags(f, v&^immutableFL)
+	if err := setFlags(f, v&^immutableFL); err != nil {
+		return err
+	}
+	if werr == nil {
+		return fmt.Errorf("%s: %w: the filesystem lets a descriptor opened before the seal write through it", dir, ErrUnsupported)
+	}
+	return nil
 }
 
 // TakeReadLease takes a read lease on f, which must be open read-only.
@@ -275,21 +287,15 @@ func Unlink(dir *os.File, name string) error {
 
 // RemoveAll is os.RemoveAll for a tree that may hold sealed layers: each
 // is unlinked through Unlink, which seals it again if it has other links.
-// The tree is the plugin's own, or a box no pod sees any more.
+// The walk is relative to directory descriptors opened without following
+// links, so a directory swapped for a symbolic link while it runs is never
+// followed out of the tree, and only entries a plain unlink refuses go
+// through Unlink.
 func RemoveAll(path string) error {
 	err := os.RemoveAll(path)
 	if err == nil || !errors.Is(err, unix.EPERM) {
 		return err
 	}
-	if werr := unlinkSealed(path); werr != nil {
-		return werr
-	}
-	return os.RemoveAll(path)
-}
-
-// unlinkSealed unlinks every regular file under path that refuses to go,
-// through Unlink. Links are not followed.
-func unlinkSealed(path string) error {
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if errors.Is(err, unix.ENOENT) {
 		return nil
@@ -297,19 +303,38 @@ func unlinkSealed(path string) error {
 	if err != nil {
 		return &os.PathError{Op: "open", Path: path, Err: err}
 	}
-	dir := os.NewFile(uintptr(fd), path)
+	if err := unlinkSealed(os.NewFile(uintptr(fd), path)); err != nil {
+		return err
+	}
+	return os.RemoveAll(path)
+}
+
+// unlinkSealed unlinks, beneath the directory dir (which it closes), every
+// regular file that a plain unlink refuses with EPERM, through Unlink.
+func unlinkSealed(dir *os.File) error {
 	defer dir.Close()
 	entries, err := dir.ReadDir(-1)
 	if err != nil {
-		return fmt.Errorf("list %s: %w", path, err)
+		return fmt.Errorf("list %s: %w", dir.Name(), err)
 	}
 	for _, e := range entries {
 		switch {
 		case e.Type().IsDir():
-			if err := unlinkSealed(filepath.Join(path, e.Name())); err != nil {
+			fd, err := unix.Openat(int(dir.Fd()), e.Name(), unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+			if err != nil {
+				continue // gone, or no longer a directory: not followed
+			}
+			if err := unlinkSealed(os.NewFile(uintptr(fd), filepath.Join(dir.Name(), e.Name()))); err != nil {
 				return err
 			}
 		case e.Type().IsRegular():
+			err := unix.Unlinkat(int(dir.Fd()), e.Name(), 0)
+			if err == nil || errors.Is(err, unix.ENOENT) {
+				continue
+			}
+			if !errors.Is(err, unix.EPERM) {
+				return fmt.Errorf("remove %s: %w", filepath.Join(dir.Name(), e.Name()), err)
+			}
 			if err := Unlink(dir, e.Name()); err != nil {
 				return err
 			}

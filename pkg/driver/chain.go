@@ -298,8 +298,10 @@ func freezeStatus(box layout.Box, err error) error {
 	switch {
 	case errors.Is(err, rootfs.ErrOverlayInUse):
 		return status.Errorf(codes.FailedPrecondition, "volume %s: %v; stop the VM using it (delete its pod) and try again: a disk is frozen only when nothing writes it", box.ID(), err)
+	case errors.Is(err, sealed.ErrWriter), errors.Is(err, sealed.ErrWriterDuringWindow):
+		return status.Errorf(codes.FailedPrecondition, "volume %s: %v: a process holds one of its layers open for writing, or tried to open it; stop it and try again", box.ID(), err)
 	case errors.Is(err, sealed.ErrUnsupported):
-		return status.Errorf(codes.FailedPrecondition, "volume %s: %v: snapshots need a home filesystem with the immutable attribute (ext4, XFS, btrfs)", box.ID(), err)
+		return status.Errorf(codes.FailedPrecondition, "volume %s: %v: snapshots need a home filesystem that enforces the immutable attribute on open descriptors (ext4)", box.ID(), err)
 	case errors.Is(err, rootfs.ErrRefusedOverlay):
 		return status.Errorf(codes.FailedPrecondition, "volume %s: %v", box.ID(), err)
 	}

@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/boxlite-csi/boxlite-csi/internal/safeopen"
+	"github.com/boxlite-csi/boxlite-csi/internal/sealed"
 	"github.com/boxlite-csi/boxlite-csi/pkg/layout"
 	"github.com/boxlite-csi/boxlite-csi/pkg/rootfs/source"
 )
@@ -157,6 +158,9 @@ func (d *Driver) createFromSource(ctx context.Context, box layout.Box, r *volume
 	}
 	defer to.Close()
 	if err := linkChain(from, to, r.Layers); err != nil {
+		if errors.Is(err, sealed.ErrWriter) || errors.Is(err, sealed.ErrWriterDuringWindow) {
+			return status.Errorf(codes.FailedPrecondition, "CreateVolume %q: link the chain of %s: %v; a process holds one of its layers open for writing, or tried to open it", r.Name, r.Source, err)
+		}
 		return fmt.Errorf("CreateVolume %q: link the chain of %s: %w", r.Name, r.Source, err)
 	}
 	if err := syncDir(dir); err != nil {

@@ -204,6 +204,9 @@ func (d *Driver) createSnapshot(ctx context.Context, id, name string, box layout
 	}
 	defer owned.Close()
 	if err := d.writeSnapshot(s, owned); err != nil {
+		if errors.Is(err, sealed.ErrWriter) || errors.Is(err, sealed.ErrWriterDuringWindow) {
+			return nil, freezeStatus(box, err)
+		}
 		return nil, toStatus(fmt.Errorf("snapshot %q of volume %s: %w", name, box.ID(), err), atController)
 	}
 	d.cfg.Metrics.ObserveSnapshot(time.Since(start))
