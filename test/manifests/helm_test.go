@@ -16,6 +16,7 @@ func TestHelmLint(t *testing.T) {
 		{"defaults", nil},
 		{"no sidecars", []string{"-f", filepath.Join("testdata", "values-nosidecars.yaml")}},
 		{"pull secret", []string{"--set", "storageClass.enabled=true,storageClass.image=registry.example.com/a/b:1,storageClass.pullSecret.name=regcred"}},
+		{"snapshots", []string{"--set", "snapshotter.enabled=true,snapshotClass.create=true,snapshotClass.default=true"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -66,6 +67,8 @@ func TestHelmTemplate(t *testing.T) {
 		containers []containerCheck
 		// kind/name -> lines that object must hold
 		objects map[string][]string
+		// kind/name -> lines that object must not hold
+		objectsNotWant map[string][]string
 	}{
 		{
 			name:  "defaults",
@@ -130,6 +133,11 @@ func TestHelmTemplate(t *testing.T) {
 						"NAMESPACE": "fieldPath: metadata.namespace",
 					},
 				},
+				{name: "csi-snapshotter", absent: true},
+			},
+			objectsNotWant: map[string][]string{
+				// Restores need these only where the snapshotter runs.
+				"ClusterRole/boxlite-boxlite-csi-provisioner": {"snapshot.storage.k8s.io"},
 			},
 			objects: map[string][]string{
 				"ClusterRole/boxlite-boxlite-csi-provisioner": {
@@ -299,6 +307,70 @@ func TestHelmTemplate(t *testing.T) {
 			},
 		},
 		{
+			name: "snapshotter and VolumeSnapshotClass",
+			args: []string{"--set", strings.Join([]string{
+				"snapshotter.enabled=true", "snapshotter.timeout=2m", "snapshotter.workerThreads=4",
+				"snapshotter.extraArgs[0]=--retry-interval-max=1m",
+				"snapshotClass.create=true", "snapshotClass.name=boxes", "snapshotClass.deletionPolicy=Retain",
+				"snapshotClass.default=true", "snapshotClass.annotations.team=vm",
+			}, ",")},
+			kinds: append([]string{"DaemonSet", "CSIDriver", "VolumeSnapshotClass"}, rbacKinds...),
+			containers: []containerCheck{
+				{
+					name: "csi-snapshotter",
+					want: []string{
+						"image: registry.k8s.io/sig-storage/csi-snapshotter:v8.7.0", "- --csi-address=/csi/csi.sock",
+						"- --node-deployment=true", "- --timeout=2m", "- --worker-threads=4", `- "--retry-interval-max=1m"`,
+						"allowPrivilegeEscalation: false",
+					},
+					notWant: []string{"privileged", "--leader-election", "--feature-gates"},
+					mounts:  map[string][]string{"socket-dir": {"mountPath: /csi"}},
+					// external-snapshotter v8.7.0 exits at start-up with
+					// --node-deployment and no NODE_NAME.
+					envFrom: map[string]string{"NODE_NAME": "fieldPath: spec.nodeName"},
+				},
+				{name: "csi-provisioner", want: provisionerFlags},
+			},
+			objects: map[string][]string{
+				"VolumeSnapshotClass/boxes": {
+					"apiVersion: snapshot.storage.k8s.io/v1", "driver: csi.boxlite.dev", "deletionPolicy: Retain",
+					`snapshot.storage.kubernetes.io/is-default-class: "true"`, "team: vm",
+				},
+				"ClusterRole/boxlite-boxlite-csi-snapshotter": {
+					`resources: ["volumesnapshotcontents"]`, `verbs: ["get", "list", "watch", "update", "patch"]`,
+					`resources: ["volumesnapshotcontents/status"]`, `verbs: ["update", "patch"]`,
+					`resources: ["volumesnapshotclasses"]`, `resources: ["events"]`,
+				},
+				"ClusterRoleBinding/boxlite-boxlite-csi-snapshotter": {
+					"name: boxlite-boxlite-csi", "namespace: " + releaseNS, "name: boxlite-boxlite-csi-snapshotter",
+				},
+				// Restores read the VolumeSnapshot and its content.
+				"ClusterRole/boxlite-boxlite-csi-provisioner": {
+					`resources: ["volumesnapshots"]`, `verbs: ["get", "list", "watch", "update"]`,
+					`resources: ["volumesnapshotcontents"]`,
+				},
+			},
+			objectsNotWant: map[string][]string{
+				// No group snapshots, no leader election.
+				"ClusterRole/boxlite-boxlite-csi-snapshotter": {`"groupsnapshot.storage.k8s.io"`, `"coordination.k8s.io"`, `resources: ["volumesnapshots"]`},
+			},
+		},
+		{
+			// The snapshotter alone still gets an identity and a token.
+			name:      "snapshotter without provisioner",
+			args:      []string{"--set", "provisioner.enabled=false,snapshotter.enabled=true"},
+			kinds:     []string{"DaemonSet", "CSIDriver", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"},
+			csiDriver: []string{"storageCapacity: false"},
+			daemonSet: []string{"automountServiceAccountToken: true", "serviceAccountName: boxlite-boxlite-csi"},
+			containers: []containerCheck{
+				{name: "csi-provisioner", absent: true},
+				{name: "csi-snapshotter", want: []string{"- --node-deployment=true"}},
+			},
+			objects: map[string][]string{
+				"ClusterRole/boxlite-boxlite-csi-snapshotter": {`resources: ["volumesnapshotcontents/status"]`},
+			},
+		},
+		{
 			name:  "no memory limit, no GOMEMLIMIT",
 			args:  []string{"--set", "resources.limits=null"},
 			kinds: append([]string{"DaemonSet", "CSIDriver"}, rbacKinds...),
@@ -405,6 +477,14 @@ func TestHelmTemplate(t *testing.T) {
 					t.Errorf("%s not rendered", key)
 				}
 			}
+			for key, lines := range tt.objectsNotWant {
+				kind, name, _ := strings.Cut(key, "/")
+				for _, d := range byKind[kind] {
+					if d.name == name {
+						assertLines(t, key, d.text, nil, lines)
+					}
+				}
+			}
 		})
 	}
 }
@@ -461,6 +541,9 @@ func TestValuesRejected(t *testing.T) {
 		{name: "old livenessprobe key", values: "livenessprobe:\n  enabled: false\n", want: []string{"additional properties 'livenessprobe' not allowed"}},
 		{name: "probe period zero", values: "readinessProbe:\n  periodSeconds: 0\n", want: []string{"at '/readinessProbe/periodSeconds'"}},
 		{name: "registrar port range", values: "registrar:\n  livenessProbe:\n    port: 0\n", want: []string{"at '/registrar/livenessProbe/port'"}},
+		{name: "snapshot class without snapshotter", values: "snapshotClass:\n  create: true\n", want: []string{"snapshotClass.create needs snapshotter.enabled"}, byTemplate: true},
+		{name: "snapshot deletion policy enum", values: "snapshotClass:\n  deletionPolicy: Recycle\n", want: []string{"at '/snapshotClass/deletionPolicy'", "'Delete', 'Retain'"}},
+		{name: "unknown snapshotter key", values: "snapshotter:\n  leaderElection: true\n", want: []string{"at '/snapshotter'", "additional properties 'leaderElection' not allowed"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

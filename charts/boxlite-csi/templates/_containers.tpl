@@ -289,3 +289,42 @@ PVCs whose pods run on this node, and publishes the node's free space.
       mountPath: /csi
 {{- end -}}
 {{- end -}}
+
+{{/*
+csi-snapshotter, one per node: takes the VolumeSnapshotContents that the
+snapshot-controller (with --enable-distributed-snapshotting) labelled with
+this node, and calls the plugin's CreateSnapshot and DeleteSnapshot for
+them. A snapshot is a set of links in this node's home, so no other node's
+sidecar could make it.
+*/}}
+{{- define "boxlite-csi.snapshotterContainer" -}}
+{{- with .Values.snapshotter -}}
+- name: csi-snapshotter
+  image: {{ include "boxlite-csi.image" .image }}
+  imagePullPolicy: {{ .image.pullPolicy }}
+  args:
+    - --csi-address=/csi/csi.sock
+    - --v={{ $.Values.logVerbosity }}
+    # Only the contents labelled snapshot.storage.kubernetes.io/managed-by
+    # = NODE_NAME. There is no leader election (off by default in the
+    # sidecar): every node has its own sidecar for its own volumes.
+    - --node-deployment=true
+    - --timeout={{ .timeout }}
+    - --worker-threads={{ .workerThreads }}
+    {{- range .extraArgs }}
+    - {{ . | quote }}
+    {{- end }}
+  env:
+    - name: NODE_NAME
+      valueFrom:
+        fieldRef:
+          fieldPath: spec.nodeName
+  securityContext:
+    {{- include "boxlite-csi.sidecarSecurityContext" $ | nindent 4 }}
+  resources:
+    {{- toYaml .resources | nindent 4 }}
+  volumeMounts:
+    - name: socket-dir
+      mountPath: /csi
+{{- end -}}
+{{- end -}}

@@ -72,6 +72,9 @@ The DaemonSet includes them, so they run on every install, template and lint.
 {{- if and .Values.storageClass.enabled .Values.storageClass.pullSecret.namespace (not .Values.storageClass.pullSecret.name) -}}
 {{- fail "storageClass.pullSecret.namespace is set but storageClass.pullSecret.name is empty" -}}
 {{- end -}}
+{{- if and .Values.snapshotClass.create (not .Values.snapshotter.enabled) -}}
+{{- fail "snapshotClass.create needs snapshotter.enabled: without the csi-snapshotter sidecar no VolumeSnapshot of this class would ever be made" -}}
+{{- end -}}
 {{- if and .Values.metrics.podMonitor.enabled (not .Values.metrics.enabled) -}}
 {{- fail "metrics.podMonitor.enabled needs metrics.enabled: the PodMonitor would scrape a port nothing serves" -}}
 {{- end -}}
