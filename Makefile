@@ -57,11 +57,12 @@ manifests:
 	$(GO) test -count=1 ./test/manifests/
 
 # The real-cluster end-to-end test (test/e2e, its own module): installs its
-# Debian packages, builds Kubernetes and external-provisioner from the Go
-# module proxy (cached under /var/cache/boxlite-e2e), brings a single-node
-# cluster up on 127.0.0.1, installs the chart and runs the scenarios, then
-# tears everything down. Root only; it skips, saying why, on a machine
-# without the disk or memory for it.
+# Debian packages, builds Kubernetes, external-provisioner and
+# external-snapshotter from the Go module proxy (cached under
+# /var/cache/boxlite-e2e), brings a single-node cluster up on 127.0.0.1
+# with the snapshot CRDs and snapshot-controller, installs the chart and
+# runs the scenarios, then tears everything down. Root only; it skips,
+# saying why, on a machine without the disk or memory for it.
 e2e:
 	./test/e2e/install-deps.sh
 	cd test/e2e && $(GO) test -v -count=1 -timeout 60m .

@@ -21,6 +21,9 @@ const (
 	defaultK8sVersion   = "v1.34.4"
 	provisionerModule   = "github.com/kubernetes-csi/external-provisioner/v6"
 	provisionerVersion  = "v6.4.0"
+	snapshotterModule   = "github.com/kubernetes-csi/external-snapshotter/v8"
+	snapshotterVersion  = "v8.7.0"
+	snapshotClientMod   = "github.com/kubernetes-csi/external-snapshotter/client/v8"
 	helmVersion         = "v3.22.0"
 	defaultCacheRoot    = "/var/cache/boxlite-e2e"
 	kubernetesModule    = "k8s.io/kubernetes"
@@ -167,10 +170,20 @@ func upstreamGoMod(t testing.TB, dir, mod, version string) *modfile.File {
 	return f
 }
 
+// publishedSiblings are modules that a repository we build replaces with a
+// directory of its own, mapped to the published version that holds the
+// same tree. external-snapshotter v8.7.0 builds against ./client, which
+// is client/v8 v8.7.0 (its go.mod requires v8.6.0, which the replace
+// overrides).
+var publishedSiblings = map[string]string{
+	snapshotClientMod: snapshotterVersion,
+}
+
 // wrapperReplaces turns the replace directives of a module we build as a
 // dependency into ones that work from outside its repository: directory
 // replaces of Kubernetes' staging modules become the published module at
-// the matching v0 version, versioned replaces are kept as they are.
+// the matching v0 version, those of publishedSiblings their published
+// version, versioned replaces are kept as they are.
 func wrapperReplaces(t testing.TB, f *modfile.File, version string) []string {
 	t.Helper()
 	var lines []string
@@ -180,6 +193,8 @@ func wrapperReplaces(t testing.TB, f *modfile.File, version string) []string {
 			lines = append(lines, fmt.Sprintf("replace %s => %s %s", r.Old.Path, r.New.Path, r.New.Version))
 		case strings.HasPrefix(r.New.Path, "./staging/src/"):
 			lines = append(lines, fmt.Sprintf("replace %s => %s %s", r.Old.Path, r.Old.Path, stagingVersion(t, version)))
+		case publishedSiblings[r.Old.Path] != "":
+			lines = append(lines, fmt.Sprintf("replace %s => %s %s", r.Old.Path, r.Old.Path, publishedSiblings[r.Old.Path]))
 		default:
 			t.Fatalf("%s: replace %s => %s cannot be reproduced outside its repository", f.Module.Mod, r.Old.Path, r.New.Path)
 		}
@@ -243,7 +258,11 @@ func buildWrapped(t testing.TB, dir, mod, version string, pkgs []string, ldflags
 type binaries struct {
 	k8s         string // directory with kube-apiserver ... kubectl
 	provisioner string // csi-provisioner binary
-	helm        string
+	snapshotter string // directory with csi-snapshotter and snapshot-controller
+	// snapshotCRDs is external-snapshotter's client/config/crd in the Go
+	// module cache: the VolumeSnapshot CRDs of the same release.
+	snapshotCRDs string
+	helm         string
 }
 
 func buildBinaries(t testing.TB) binaries {
@@ -261,6 +280,12 @@ func buildBinaries(t testing.TB) binaries {
 		buildWrapped(t, dir, provisionerModule, provisionerVersion, []string{provisionerModule + "/cmd/csi-provisioner"},
 			"-s -w -X main.version="+provisionerVersion, true)
 	}), "csi-provisioner")
+	b.snapshotter = cached(t, "external-snapshotter-"+snapshotterVersion, func(dir string) {
+		buildWrapped(t, dir, snapshotterModule, snapshotterVersion, []string{
+			snapshotterModule + "/cmd/csi-snapshotter", snapshotterModule + "/cmd/snapshot-controller",
+		}, "-s -w -X main.version="+snapshotterVersion, true)
+	})
+	b.snapshotCRDs = snapshotCRDDir(t)
 	b.helm = filepath.Join(cached(t, "helm-"+helmVersion, func(dir string) {
 		runCmd(t, dir, goEnv("GOBIN="+filepath.Join(dir, "bin"), "CGO_ENABLED=0"), "go", "install", "helm.sh/helm/v3/cmd/helm@"+helmVersion)
 	}), "helm")
@@ -271,4 +296,22 @@ func buildBinaries(t testing.TB) binaries {
 func buildLocal(t testing.TB, dir, pkg, out string, ldflags string) {
 	t.Helper()
 	runCmd(t, dir, goEnv("CGO_ENABLED=0"), "go", "build", "-trimpath", "-ldflags", ldflags, "-o", out, pkg)
+}
+
+// snapshotCRDDir is client/config/crd of external-snapshotter's client
+// module at snapshotterVersion, from the Go module cache (go mod download
+// is a no-op once it is there). Asked for on every run rather than copied
+// into the build cache, so a cleaned module cache is filled again.
+func snapshotCRDDir(t testing.TB) string {
+	t.Helper()
+	out := runCmd(t, os.TempDir(), goEnv(), "go", "mod", "download", "-json", snapshotClientMod+"@"+snapshotterVersion)
+	var info struct{ Dir, Error string }
+	if err := json.Unmarshal([]byte(out), &info); err != nil || info.Dir == "" {
+		t.Fatalf("go mod download %s@%s: %v %s\n%s", snapshotClientMod, snapshotterVersion, err, info.Error, out)
+	}
+	dir := filepath.Join(info.Dir, "config", "crd")
+	if _, err := os.Stat(filepath.Join(dir, "snapshot.storage.k8s.io_volumesnapshots.yaml")); err != nil {
+		t.Fatalf("%s@%s has no VolumeSnapshot CRD: %v", snapshotClientMod, snapshotterVersion, err)
+	}
+	return dir
 }

@@ -121,7 +121,7 @@ func cleanupRoot(t testing.TB, root string) {
 	for _, pid := range pidsMatching("-address " + sock) {
 		syscall.Kill(pid, syscall.SIGKILL)
 	}
-	for _, name := range []string{"kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd", "registry"} {
+	for _, name := range []string{"snapshot-controller", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd", "registry"} {
 		if p, ok := byName[name]; ok {
 			p.stop(10 * time.Second)
 		}
@@ -266,6 +266,7 @@ func startCluster(t *testing.T, bins binaries) *cluster {
 	p.issue(t, "apiserver-kubelet-client", "kube-apiserver-kubelet-client", []string{"system:masters"}, false, nil, nil)
 	p.issue(t, "controller-manager", "system:kube-controller-manager", nil, false, nil, nil)
 	p.issue(t, "scheduler", "system:kube-scheduler", nil, false, nil, nil)
+	p.issue(t, "snapshot-controller", "e2e-snapshot-controller", []string{"system:masters"}, false, nil, nil)
 	p.issue(t, "kubelet", "system:node:"+nodeName, []string{"system:nodes"}, false, nil, nil)
 	p.issue(t, "kubelet-serving", nodeName, nil, true, []string{nodeName}, []string{"127.0.0.1"})
 	server := "https://" + apiserverAddr
@@ -317,11 +318,12 @@ func startCluster(t *testing.T, bins binaries) *cluster {
 		"--authorization-kubeconfig="+p.path("scheduler.kubeconfig"),
 		"--bind-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", freePort(t)),
 		"--leader-elect=false")
+	c.startSnapshotController(server)
 
 	c.startContainerd()
 	c.startKubelet()
 	waitFor(t, "node Ready", 120*time.Second, func() (bool, string) {
-		for _, n := range []string{"kubelet", "containerd"} {
+		for _, n := range []string{"kubelet", "containerd", "snapshot-controller"} {
 			if !h.proc2alive(n) {
 				t.Fatalf("%s exited:\n%s", n, h.logTail(n))
 			}
@@ -526,7 +528,10 @@ func (c *cluster) dumpDiagnostics() {
 	if out, err := c.kubectlErr("get", "events", "-A", "--sort-by=.lastTimestamp"); err == nil {
 		t.Logf("events:\n%s", tail(out, 6000))
 	}
-	for _, n := range []string{"kubelet", "containerd"} {
+	if out, err := c.kubectlErr("get", "volumesnapshots,volumesnapshotcontents", "-A", "-o", "wide"); err == nil {
+		t.Logf("snapshots:\n%s", out)
+	}
+	for _, n := range []string{"kubelet", "containerd", "snapshot-controller"} {
 		t.Logf("%s log tail:\n%s", n, c.logTail(n))
 	}
 	logs, _ := filepath.Glob(filepath.Join(c.podLogs, pluginNamespace+"_*", "*", "*.log"))

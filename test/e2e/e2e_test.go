@@ -127,6 +127,11 @@ func TestE2E(t *testing.T) {
 			writeArchive(t, staticBinaryImage(t, pause, "pause"), "docker.io/"+pauseImage, p)
 			return p
 		},
+		snapshotterRepo + ":" + snapshotterTag: func() string {
+			p := filepath.Join(s.workDir, "snapshotter.tar")
+			writeArchive(t, staticBinaryImage(t, filepath.Join(bins.snapshotter, "csi-snapshotter"), "csi-snapshotter"), snapshotterRepo+":"+snapshotterTag, p)
+			return p
+		},
 		provisionerRepo + ":" + provisionerTag: func() string {
 			p := filepath.Join(s.workDir, "provisioner.tar")
 			writeArchive(t, staticBinaryImage(t, bins.provisioner, "csi-provisioner"), provisionerRepo+":"+provisionerTag, p)
@@ -163,6 +168,7 @@ func TestE2E(t *testing.T) {
 		{"DeleteLifecycle", s.testDeleteLifecycle},
 		{"PluginRestart", s.testPluginRestart},
 		{"MicroVM", s.testMicroVM},
+		{"Snapshots", s.testSnapshots},
 	}
 	if s.previous != nil {
 		// The previous release goes in first and makes boxes in its own
@@ -256,7 +262,7 @@ func (s *suite) values(t *testing.T, rel release) []string {
 		// without inline.* has no such restriction.
 		args = append(args, "--set", "inline.allowInsecureRegistries=true")
 	}
-	return args
+	return append(args, snapshotValues(keys)...)
 }
 
 // helm runs the helm the e2e built against the e2e cluster.

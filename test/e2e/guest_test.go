@@ -36,7 +36,9 @@ const (
 // guestGrow is where the initramfs keeps cmd/ext4grow.
 const guestGrow = "/bin/ext4grow"
 
-// guestInit is the initramfs's /init: it mounts the box's root disk, writes
+// guestInit is the initramfs's /init: it mounts the box's root disk,
+// prints the marker an earlier guest left there ("E2E-GUEST found ...",
+// which is how a restored or cloned disk shows what it holds), writes
 // the marker the kernel command line carries (e2e_marker=..., which the
 // kernel hands to init as an environment variable) and powers off. More
 // words on the command line ask for more:
@@ -63,6 +65,7 @@ i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 if mount -t ext4 /dev/vda /mnt; then
 	echo "E2E-GUEST t=$(up) mounted"
+	[ -f /mnt%[2]s ] && echo "E2E-GUEST found $(cat /mnt%[2]s)"
 	echo "$e2e_marker" > /mnt%[2]s
 	ls /mnt/bin/busybox /mnt/etc/e2e-image && echo "E2E-GUEST image $(cat /mnt/etc/e2e-image)"
 	if [ "$e2e_fill" = 1 ]; then

@@ -30,6 +30,12 @@ const vmBoxJSON = "E2E-BOXJSON "
 // when the guest powers off. args are the words guestInit reads from the
 // kernel command line.
 func vmPod(name string, args ...string) string {
+	return vmPodOn(name, vmClaim, "", args...)
+}
+
+// vmPodOn is vmPod on another claim; spec is YAML added to the pod's spec
+// (two-space indented lines, e.g. a nodeSelector), or "".
+func vmPodOn(name, claim, spec string, args ...string) string {
 	// The shell prints box.json on one line, then becomes QEMU.
 	script := strconv.Quote(`echo "` + vmBoxJSON + `$(tr -d '\n' < /box/box.json)"; exec qemu-system-x86_64 "$@"`)
 	return fmt.Sprintf(`apiVersion: v1
@@ -38,7 +44,7 @@ metadata: {name: %s, namespace: %s}
 spec:
   restartPolicy: Never
   terminationGracePeriodSeconds: 1
-  containers:
+%s  containers:
   - name: vm
     image: %s
     imagePullPolicy: Never
@@ -54,7 +60,7 @@ spec:
   volumes:
   - name: box
     persistentVolumeClaim: {claimName: %s}
-`, name, testNamespace, toolsImage, script, strings.Join(args, " "), vmClaim)
+`, name, testNamespace, spec, toolsImage, script, strings.Join(args, " "), claim)
 }
 
 // vmManifest is the box.json a VM pod printed before it started QEMU.
@@ -73,8 +79,14 @@ func vmManifest(t *testing.T, console string) boxManifest {
 // how long the pod took from creation to Succeeded.
 func (s *suite) bootVM(t *testing.T, name string, timeout time.Duration, args ...string) (string, time.Duration) {
 	t.Helper()
+	return s.bootPod(t, name, vmPod(name, args...), timeout)
+}
+
+// bootPod is bootVM for a VM pod manifest of the caller's (vmPodOn).
+func (s *suite) bootPod(t *testing.T, name, pod string, timeout time.Duration) (string, time.Duration) {
+	t.Helper()
 	c := s.c
-	c.apply(t, vmPod(name, args...))
+	c.apply(t, pod)
 	start := time.Now()
 	c.waitPhase(t, testNamespace, name, "Succeeded", timeout)
 	took := time.Since(start)
