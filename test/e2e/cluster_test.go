@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"os/exec"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/boxlite-csi/boxlite-csi/internal/testenv"
+	"golang.org/x/sys/unix"
 )
 
 const (
@@ -151,9 +153,49 @@ func cleanupRoot(t testing.TB, root string) {
 			continue
 		}
 		if err := os.RemoveAll(p); err != nil {
-			t.Errorf("cleanup: %v", err)
+			// A sealed layer (a snapshot's, or a restored volume's, left
+			// by a step that failed or a run that was killed) is immutable
+			// and cannot be unlinked until the attribute is lifted.
+			if n := unseal(p); n > 0 {
+				t.Logf("cleanup: lifted the immutable attribute of %d sealed layers under %s", n, p)
+				err = os.RemoveAll(p)
+			}
+			if err != nil {
+				t.Errorf("cleanup: %v", err)
+			}
 		}
 	}
+}
+
+// fsImmutableFL is FS_IMMUTABLE_FL of linux/fs.h, which x/sys/unix does
+// not define.
+const fsImmutableFL = 0x10
+
+// unseal clears the immutable attribute the plugin gives frozen layers on
+// every regular file under dir, and returns how many it cleared. Only run
+// on trees with nothing mounted in them, so it stays on the run's own
+// filesystem.
+func unseal(dir string) int {
+	n := 0
+	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return nil
+		}
+		f, err := os.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+		if err != nil {
+			return nil
+		}
+		defer f.Close()
+		flags, err := unix.IoctlGetUint32(int(f.Fd()), unix.FS_IOC_GETFLAGS)
+		if err != nil || flags&fsImmutableFL == 0 {
+			return nil
+		}
+		if unix.IoctlSetPointerInt(int(f.Fd()), unix.FS_IOC_SETFLAGS, int(flags&^fsImmutableFL)) == nil {
+			n++
+		}
+		return nil
+	})
+	return n
 }
 
 func cgroupPIDs2(dirs []string) []int {
